@@ -23,6 +23,220 @@ def print_table(rows):
 BENCHMARKS = {}
 
 
+# ctm_hyper (issue 4): step time of the plastic CTM against the plain CTM, same model, same batch, side by side.
+
+def add_ctm_hyper_args(p):
+    p.add_argument('--device', default='auto', help='cpu, cuda or auto')
+    for name, default in (('d_model', 1024), ('d_input', 256), ('heads', 4), ('iterations', 50), ('synapse_depth', 8),
+                          ('memory_length', 25), ('memory_hidden_dims', 32), ('n_synch_out', 128),
+                          ('n_synch_action', 128), ('batch_size', 64), ('maze_size', 39), ('route_length', 50),
+                          ('hyper_rank', 8), ('hyper_nlm_rank', 4)):
+        p.add_argument(f'--{name}', type=int, default=default, help=f"default {default} (the seeds' mazes-small)")
+    p.add_argument('--backbone_type', default='resnet18-1')
+    p.add_argument('--steps', type=int, default=10, help='timed training steps per configuration and round')
+    p.add_argument('--rounds', type=int, default=3, help='rounds over the configurations; the median is reported')
+    p.add_argument('--out', help='JSON output (default bench_ctm_hyper.json)')
+
+
+def run_ctm_hyper(args):
+    """One training step (forward, maze loss, backward, AdamW) per configuration in turn, so drift hits all alike."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    import plastic
+    import train
+    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
+                          'cpu' if args.device == 'auto' else args.device)
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    x, y = (torch.as_tensor(t).to(device) for t in
+            plastic.maze_batch(np.random.default_rng(0), args.batch_size, args.maze_size, args.route_length)[:2])
+    configs = {'plain CTM': {},
+               f'bottleneck r{args.hyper_rank}': dict(hyper_layers='bottleneck'),
+               f'bottleneck r{args.hyper_rank} + NLM r{args.hyper_nlm_rank}': dict(hyper_layers='bottleneck',
+                                                                                    use_hyper_nlm=True)}
+    runs = {}
+    for name, hyper in configs.items():
+        cfg = plastic.CTMConfig(
+            iterations=args.iterations, d_model=args.d_model, d_input=args.d_input, heads=args.heads,
+            n_synch_out=args.n_synch_out, n_synch_action=args.n_synch_action, synapse_depth=args.synapse_depth,
+            memory_length=args.memory_length, memory_hidden_dims=args.memory_hidden_dims,
+            backbone_type=args.backbone_type, out_dims=5 * args.route_length,
+            prediction_reshaper=(args.route_length, 5), hyper_rank=args.hyper_rank,
+            hyper_nlm_rank=args.hyper_nlm_rank, **hyper)
+        params, buffers = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
+        params, buffers = train.tree_to(params, device), train.tree_to(buffers, device)
+        leaves = [t.requires_grad_(True) for t in train.tree_leaves(params)]
+        opt = torch.optim.AdamW(leaves, lr=1e-4)
+
+        def step(cfg=cfg, params=params, buffers=buffers, opt=opt):
+            predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg, train=True)
+            loss = plastic.maze_loss(predictions.reshape(len(x), args.route_length, 5, -1), certainties, y)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        runs[name] = (step, sum(t.numel() for t in leaves), [])
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for step, _, _ in runs.values():
+        for _ in range(2):
+            step()
+    for _ in range(args.rounds):
+        for step, _, times in runs.values():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            times.append((time.perf_counter() - t0) / args.steps * 1e3)
+    base_ms, base_params = statistics.median(runs['plain CTM'][2]), runs['plain CTM'][1]
+    return [{'config': name, 'device': str(device), 'params': n, 'added_params': n - base_params,
+             'ms_per_step': statistics.median(times),
+             'overhead_pct': 100 * (statistics.median(times) / base_ms - 1)} for name, (_, n, times) in runs.items()]
+
+
+BENCHMARKS['ctm_hyper'] = (add_ctm_hyper_args, run_ctm_hyper, 'plastic CTM step time vs the plain CTM (issue 4)')
+
+
+def add_lash_fastpath_args(p):
+    p.add_argument('--vocab_sizes', default='256,8192', help='comma list; 256 = our bytes, the seed had ~70K words')
+    p.add_argument('--dim', type=int, default=64)
+    p.add_argument('--num_layers', type=int, default=3)
+    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--seq_len', type=int, default=64)
+    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--out', default=None)
+
+
+def run_lash_fastpath(args):
+    """One training step (loss, backward) of standard last-layer training: fast path (head once) vs the general
+    path (head after every layer), alternated step by step; the median of each."""
+    import statistics
+    import time
+
+    import torch
+
+    import lash
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    rows = []
+    for vocab in (int(v) for v in args.vocab_sizes.split(',')):
+        cfg = lash.ModelConfig(vocab_size=vocab, dim=args.dim, num_layers=args.num_layers)
+        params = lash.map_tree(lambda t: t.to(device).requires_grad_(),
+                               lash.init_transformer(cfg, torch.Generator().manual_seed(0)))
+        config = lash.create_standard_config(args.num_layers)
+        gen = torch.Generator().manual_seed(1)
+        batch = tuple(torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen).to(device)
+                      for _ in range(2))
+        times = {True: [], False: []}
+        losses = {}
+        for i in range(args.repeats + 2):
+            for fast in (True, False):
+                sync()
+                t0 = time.perf_counter()
+                loss = lash.compute_loss(params, batch, config, cfg, fast_path=fast)
+                loss.backward()
+                sync()
+                if i >= 2:  # warm-up
+                    times[fast].append(time.perf_counter() - t0)
+                losses[fast] = loss.item()
+        fast_ms, general_ms = (1000 * statistics.median(times[f]) for f in (True, False))
+        rows.append({'vocab': vocab, 'dim': args.dim, 'layers': args.num_layers,
+                     'tokens': args.batch_size * args.seq_len, 'fast_ms': fast_ms, 'general_ms': general_ms,
+                     'time_saved_pct': 100 * (1 - fast_ms / general_ms),
+                     'loss_diff': abs(losses[True] - losses[False]), 'device': str(device)})
+    return rows
+
+
+BENCHMARKS['lash_fastpath'] = (add_lash_fastpath_args, run_lash_fastpath,
+                               'LASH: fast path (head once) vs general path loss+backward, side by side')
+
+
+# wkv (issue 7): Bi-WKV4 forward+backward time and achieved bandwidth, CUDA kernel vs torch scan vs dense.
+
+def add_wkv_args(p):
+    p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC')
+    p.add_argument('--lengths', default='256,4096,16384', help='comma list of T')
+    p.add_argument('--paths', default='cuda,scan,dense', help='comma list of cuda, scan, dense')
+    p.add_argument('--repeats', type=int, default=10, help='timed fwd+bwd calls per case (scan and dense: 1)')
+    p.add_argument('--dense_max_T', type=int, default=256, help='dense is O(T²) in memory')
+    p.add_argument('--scan_max_elems', type=int, default=2 ** 28, help='skip the scan above this B·T·C (memory)')
+    p.add_argument('--out', default=None)
+
+
+def measure_copy_bandwidth(torch, nbytes=2 ** 30, repeats=10):
+    """Device-to-device copy of nbytes: GB/s counting the read and the write."""
+    src = torch.empty(nbytes // 4, device='cuda')
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def run_wkv(args):
+    """Minimal traffic for fwd+bwd is 8·B·T·C·4 bytes (k, v in and y out forward; k, v, gy in and gk, gv out
+    backward); GB/s and % of the copy bandwidth measured in the same run count only those bytes."""
+    import statistics
+    import time
+
+    import torch
+
+    import hpcm
+    if not torch.cuda.is_available():
+        raise SystemExit('bench wkv needs a CUDA device')
+    copy_gbs = measure_copy_bandwidth(torch)
+    paths = {'cuda': hpcm.bi_wkv_cuda, 'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense}
+    rows = []
+    for size in args.sizes.split(','):
+        B, C = (int(s) for s in size.split('x'))
+        for T in (int(t) for t in args.lengths.split(',')):
+            gen = torch.Generator(device='cuda').manual_seed(0)
+            w = (torch.rand(C, device='cuda', generator=gen) * 3).requires_grad_()
+            u = torch.randn(C, device='cuda', generator=gen).requires_grad_()
+            k = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
+            v = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
+            gy = torch.randn(B, T, C, device='cuda', generator=gen)
+            for name in args.paths.split(','):
+                if (name == 'dense' and T > args.dense_max_T) or (name == 'scan' and B * T * C > args.scan_max_elems):
+                    continue
+                fn = paths[name]
+                repeats = args.repeats if name == 'cuda' else 1
+                fwd, both = [], []
+                for i in range(repeats + 1):  # the first call compiles / warms up
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    y = fn(w, u, k, v)
+                    torch.cuda.synchronize()
+                    t1 = time.perf_counter()
+                    torch.autograd.backward(y, gy, inputs=[w, u, k, v])
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    w.grad = u.grad = k.grad = v.grad = None
+                    del y
+                    if i:
+                        fwd.append(t1 - t0)
+                        both.append(t2 - t0)
+                ms = 1e3 * statistics.median(both)
+                gbs = 8 * B * T * C * 4 / (ms / 1e3) / 1e9
+                rows.append({'B': B, 'C': C, 'T': T, 'path': name, 'fwd_ms': 1e3 * statistics.median(fwd),
+                             'fwd_bwd_ms': ms, 'GB_s': gbs, 'pct_of_copy': 100 * gbs / copy_gbs,
+                             'copy_GB_s': copy_gbs})
+            torch.cuda.empty_cache()
+    return rows
+
+
+BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s (issue 7)')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest='bench', metavar='{' + ','.join(BENCHMARKS) + '}')

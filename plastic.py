@@ -5,25 +5,835 @@ Pure functions over parameter dicts: `init_x(gen, ...) -> dict` makes parameters
 Imports only torch, numpy, einops and the standard library, so this one file can be copied into another project.
 """
 
+import math
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+NEURON_SELECT_TYPES = ('first-last', 'random', 'random-pairing')
+BACKBONE_TYPES = ('none', 'conv', 'parity_backbone') + tuple(f'resnet{n}-{k}' for n in (18, 34) for k in (1, 2, 3, 4))
+POSITIONAL_EMBEDDING_TYPES = ('none', 'learnable-fourier', 'custom-rotational', 'custom-rotational-1d')
+HYPER_LAYERS = ('none', 'bottleneck', 'down', 'up', 'all')
+
+
+@dataclass
+class CTMConfig:
+    """The original constructor's arguments (models/ctm.py), plus `in_channels` (the original infers it with lazy
+    layers: image channels, or the feature channels when backbone_type is 'none') and the plastic fields."""
+    iterations: int = 50
+    d_model: int = 1024
+    d_input: int = 256
+    heads: int = 4
+    n_synch_out: int = 128
+    n_synch_action: int = 128
+    synapse_depth: int = 8
+    memory_length: int = 25
+    deep_nlms: bool = True
+    memory_hidden_dims: int = 32
+    do_layernorm_nlm: bool = False
+    backbone_type: str = 'resnet18-1'
+    positional_embedding_type: str = 'none'
+    out_dims: int = 250
+    prediction_reshaper: tuple = (-1,)
+    dropout: float = 0.0
+    dropout_nlm: float = None  # None: same as dropout, as in the original
+    neuron_select_type: str = 'random-pairing'
+    n_random_pairing_self: int = 0
+    in_channels: int = 3
+    hyper_layers: str = 'none'
+    hyper_rank: int = 8
+    use_hyper_nlm: bool = False
+    hyper_nlm_rank: int = 4
+
+    def __post_init__(self):
+        self.prediction_reshaper = tuple(self.prediction_reshaper)
+        checks = [
+            (self.neuron_select_type in NEURON_SELECT_TYPES, 'neuron_select_type',
+             f'one of {NEURON_SELECT_TYPES}, got {self.neuron_select_type!r}'),
+            (self.backbone_type in BACKBONE_TYPES, 'backbone_type',
+             f'one of {BACKBONE_TYPES}, got {self.backbone_type!r}'),
+            (self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES, 'positional_embedding_type',
+             f'one of {POSITIONAL_EMBEDDING_TYPES}, got {self.positional_embedding_type!r}'),
+            (self.hyper_layers in HYPER_LAYERS, 'hyper_layers', f'one of {HYPER_LAYERS}, got {self.hyper_layers!r}'),
+            (self.backbone_type != 'none' or self.positional_embedding_type == 'none', 'positional_embedding_type',
+             "'none' when backbone_type is 'none' (there is no feature map to embed positions of)"),
+            (self.heads >= 1 and self.d_input % self.heads == 0, 'heads',
+             f'a positive divisor of d_input={self.d_input}, got {self.heads}'),
+            (self.synapse_depth >= 1, 'synapse_depth', f'>= 1, got {self.synapse_depth}'),
+            (self.iterations >= 1 and self.memory_length >= 1, 'iterations/memory_length',
+             f'>= 1, got {self.iterations}/{self.memory_length}'),
+            (not self.deep_nlms or self.memory_hidden_dims >= 1, 'memory_hidden_dims',
+             f'>= 1 with deep_nlms, got {self.memory_hidden_dims}'),
+            (self.hyper_rank >= 1 and self.hyper_nlm_rank >= 1, 'hyper_rank/hyper_nlm_rank',
+             f'>= 1, got {self.hyper_rank}/{self.hyper_nlm_rank}'),
+        ]
+        for name, n in (('n_synch_out', self.n_synch_out), ('n_synch_action', self.n_synch_action)):
+            checks.append((1 <= n <= self.d_model, name, f'between 1 and d_model={self.d_model}, got {n}'))
+        if self.neuron_select_type == 'first-last':
+            checks.append((self.n_synch_out + self.n_synch_action <= self.d_model, 'n_synch_out + n_synch_action',
+                           f'<= d_model={self.d_model} for first-last (disjoint neuron subsets), got '
+                           f'{self.n_synch_out + self.n_synch_action}'))
+        if self.neuron_select_type == 'random-pairing':
+            checks.append((0 <= self.n_random_pairing_self < min(self.n_synch_out, self.n_synch_action),
+                           'n_random_pairing_self', f'in [0, min(n_synch_out, n_synch_action)), got '
+                           f'{self.n_random_pairing_self}'))
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f'CTMConfig.{name}: expected {expected}')
+
+
 # ================================================================================================================
 # building blocks: linear, layer norm, GLU, attention, SuperLinear (issue 3)
 
 
+def uniform(gen, shape, bound):
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
+def init_linear(gen, d_in, d_out, bias=True):
+    """PyTorch's nn.Linear init: weight and bias uniform in ±1/sqrt(d_in)."""
+    p = {'w': uniform(gen, (d_out, d_in), 1 / math.sqrt(d_in))}
+    if bias:
+        p['b'] = uniform(gen, (d_out,), 1 / math.sqrt(d_in))
+    return p
+
+
+def linear(p, x):
+    return F.linear(x, p['w'], p.get('b'))
+
+
+def init_layer_norm(d):
+    return {'w': torch.ones(d), 'b': torch.zeros(d)}
+
+
+def layer_norm(p, x):
+    return F.layer_norm(x, p['w'].shape, p['w'], p['b'])
+
+
+def glu(x):
+    a, gate = x.chunk(2, dim=-1)
+    return a * torch.sigmoid(gate)
+
+
+def dropout(x, rate, train):
+    """Randomness comes from torch's global RNG (seeded by train.make_generator), as nn.Dropout's does."""
+    return F.dropout(x, rate, training=True) if train and rate > 0 else x
+
+
+def init_attention(gen, d, heads):
+    """nn.MultiheadAttention's init: packed q/k/v in-projection xavier-uniform, zero biases, out-projection as a
+    Linear with zero bias."""
+    out = init_linear(gen, d, d)
+    out['b'] = torch.zeros(d)
+    return {'in_w': uniform(gen, (3 * d, d), math.sqrt(6 / (d + 3 * d))), 'in_b': torch.zeros(3 * d), 'out': out}
+
+
+def attention(p, q, kv, heads, rate=0.0, train=False):
+    """Multi-head attention, query (B, Lq, d) over keys = values = kv (B, S, d) -> (B, Lq, d)."""
+    wq, wk, wv = p['in_w'].chunk(3)
+    bq, bk, bv = p['in_b'].chunk(3)
+    split = lambda t: rearrange(t, 'b l (h e) -> b h l e', h=heads)
+    out = F.scaled_dot_product_attention(split(F.linear(q, wq, bq)), split(F.linear(kv, wk, bk)),
+                                         split(F.linear(kv, wv, bv)), dropout_p=rate if train else 0.0)
+    return linear(p['out'], rearrange(out, 'b h l e -> b l (h e)'))
+
+
+def init_super_linear(gen, in_dims, out_dims, n, do_norm=False):
+    """N private linears (one per neuron), as the original SuperLinear: w1 (in, out, N) uniform in
+    ±1/sqrt(in + out), b1 zeros, a learned output temperature T starting at 1."""
+    p = {'w1': uniform(gen, (in_dims, out_dims, n), 1 / math.sqrt(in_dims + out_dims)),
+         'b1': torch.zeros(1, n, out_dims), 'T': torch.ones(1)}
+    if do_norm:
+        p['ln'] = init_layer_norm(in_dims)
+    return p
+
+
+def super_linear(p, x, rate=0.0, train=False):
+    """x (B, N, in) -> (B, N, out): neuron n applies its own weights w1[:, :, n] to its own history x[:, n]."""
+    x = dropout(x, rate, train)
+    if 'ln' in p:
+        x = layer_norm(p['ln'], x)
+    return (torch.einsum('bdm,mhd->bdh', x, p['w1']) + p['b1']) / p['T']
+
+
+def init_conv(gen, c_in, c_out, k, bias=False):
+    """nn.Conv2d's init: uniform in ±1/sqrt(fan_in)."""
+    bound = 1 / math.sqrt(c_in * k * k)
+    p = {'w': uniform(gen, (c_out, c_in, k, k), bound)}
+    if bias:
+        p['b'] = uniform(gen, (c_out,), bound)
+    return p
+
+
+def conv(p, x, stride=1):
+    return F.conv2d(x, p['w'], p.get('b'), stride=stride, padding=p['w'].shape[-1] // 2)
+
+
+def init_batch_norm(c):
+    """(params, buffers): learned scale/shift, and the running statistics that are not learned."""
+    return {'w': torch.ones(c), 'b': torch.zeros(c)}, {'mean': torch.zeros(c), 'var': torch.ones(c)}
+
+
+def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
+    """x (B, C, H, W) -> (y, new running stats). Training normalises with the batch statistics and returns the
+    updated running stats (unbiased variance, as nn.BatchNorm2d) instead of writing them in place."""
+    if not train:
+        return F.batch_norm(x, buf['mean'], buf['var'], p['w'], p['b'], False, 0.0, eps), buf
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    n = x.numel() // x.shape[1]
+    y = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + eps) * p['w'][:, None, None] \
+        + p['b'][:, None, None]
+    new = {'mean': (1 - momentum) * buf['mean'] + momentum * mean.detach(),
+           'var': (1 - momentum) * buf['var'] + momentum * var.detach() * n / max(n - 1, 1)}
+    return y, new
+
+
 # ================================================================================================================
 # plastic hypernetworks: HyperLoRALinear, HyperSuperLinear (issue 4)
+#
+# A plastic layer's weight follows the thought: W_t = W_base + gate(c) * U(c) V(c)^T with c = φ(context). φ, the
+# context compressor, is Linear -> LayerNorm -> SiLU (the seeds: "a single-layer MLP with Layer Normalization";
+# they do not name the activation, SiLU is the one the synapse U-Net already uses). Three heads read c: U, V and
+# the gate. The product is never formed: y = x W^T + b + gate * scale * U (V^T x) costs O(In·Out + r(In + Out)).
+#
+# At init the gate head is all zeros, so gate = tanh(0) = 0 and every hyper configuration is exactly the plain
+# CTM. The seeds state no init; we zero the gate rather than the U/V heads because the gate is the knob the NLM
+# seed gives each neuron ("some neurons plastic, others fixed": all start fixed), and with U, V already random the
+# gate's own gradient is non-zero from the first step (zero U/V heads and a zero gate together would never move).
+# tanh keeps |gate| <= 1, and scale = 1/sqrt(In·r) keeps gate·U V^T x on the scale of W x: U and V come out of
+# the heads with O(1) entries, so their product would otherwise grow like sqrt(In·r) and swamp the base layer.
+#
+# A hyper layer's dict is the plain layer's dict plus a 'hyper' subtree: the same tree without 'hyper' is the
+# plain CTM's parameters, and code that reads only 'w'/'b' (or 'w1'/'b1'/'T') sees the base layer.
+
+HYPER_CTX_HIDDEN = 16  # synapse compressor width: the seeds give none; see init_hyper_lora_linear
+HYPER_NLM_CTX_HIDDEN = 128  # the NLM seed's "Context net: 1024 -> 128"
+
+
+def init_hypernet(gen, ctx_dims, hidden, u_rows, v_rows, rank, n_gates):
+    """φ (ctx_dims -> hidden) and heads for U (u_rows·rank), V (v_rows·rank) and n_gates gates (zero at init)."""
+    if rank < 1:
+        raise ValueError(f"rank: expected a positive hyper rank, got {rank}")
+    return {'compressor': {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)},
+            'head_u': init_linear(gen, hidden, u_rows * rank),
+            'head_v': init_linear(gen, hidden, v_rows * rank),
+            'head_gate': {'w': torch.zeros(n_gates, hidden), 'b': torch.zeros(n_gates)}}
+
+
+def hypernet(h, ctx, u_rows, v_rows):
+    """ctx (B, ctx_dims) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
+    ctx_dims = h['compressor']['lin']['w'].shape[1]
+    if ctx.dim() != 2 or ctx.shape[1] != ctx_dims:
+        raise ValueError(f"ctx: expected a context of shape (B, {ctx_dims}), got {tuple(ctx.shape)}")
+    c = F.silu(layer_norm(h['compressor']['ln'], linear(h['compressor']['lin'], ctx)))  # (B, hidden)
+    # The three heads in one matmul: at a CTM tick's batch size, kernel launches cost more than the FLOPs.
+    heads = (h['head_u'], h['head_v'], h['head_gate'])
+    out = F.linear(c, torch.cat([q['w'] for q in heads]), torch.cat([q['b'] for q in heads]))
+    u, v, gate = out.split([q['w'].shape[0] for q in heads], dim=1)
+    return u.unflatten(1, (u_rows, -1)), v.unflatten(1, (v_rows, -1)), torch.tanh(gate)
+
+
+def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_CTX_HIDDEN):
+    """HyperLoRALinear: init_linear's 'w' (Out, In) and 'b', plus its own hypernetwork under 'hyper'.
+
+    hidden=16, the U-Net's narrowest width, gives 88,962 added parameters for hyper_layers='bottleneck' at
+    d_model=1024, d_input=256, depth 8, rank 8 against the seeds' ≈100K, the one synapse figure of theirs that
+    pins the width down (`python train.py ctm --preset mazes-small --count_params` prints them all)."""
+    return {**init_linear(gen, in_dims, out_dims),
+            'hyper': init_hypernet(gen, ctx_dims, hidden, out_dims, in_dims, rank, 1)}
+
+
+def hyper_lora_linear(p, x, ctx):
+    """x (B, In), ctx (B, ctx_dims) -> x W_t^T + b (B, Out), W_t = W + gate·scale·U V^T, never forming W_t."""
+    out_dims, in_dims = p['w'].shape
+    if x.dim() != 2 or x.shape[1] != in_dims or x.shape[0] != ctx.shape[0]:
+        raise ValueError(f"x: expected (B, {in_dims}) with the context's B = {ctx.shape[0]}, got {tuple(x.shape)}")
+    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims)
+    delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
+    return torch.addcmul(linear(p, x), gate, delta, value=(in_dims * u.shape[-1]) ** -0.5)
+
+
+def hyper_lora_dense_weight(p, ctx):
+    """W_t = W + gate·scale·U V^T as a dense (B, Out, In) tensor, for teaching and tests (never in a forward)."""
+    out_dims, in_dims = p['w'].shape
+    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims)
+    return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * (in_dims * u.shape[-1]) ** -0.5
+
+
+def plastic_linear(p, x, ctx):
+    """A Linear that is plastic when its dict carries a hypernetwork (HyperSynapseUNET's selected layers)."""
+    return hyper_lora_linear(p, x, ctx) if 'hyper' in p else linear(p, x)
+
+
+def init_hyper_super_linear(gen, in_dims, out_dims, n, rank, ctx_dims, do_norm=False, hidden=HYPER_NLM_CTX_HIDDEN):
+    """HyperSuperLinear: init_super_linear's keys plus ONE hypernetwork for all n neurons, U (In·r) and V (Out·r)
+    shared and a gate per neuron: one φ however many neurons, as the NLM seed designs it."""
+    return {**init_super_linear(gen, in_dims, out_dims, n, do_norm),
+            'hyper': init_hypernet(gen, ctx_dims, hidden, in_dims, out_dims, rank, n)}
+
+
+def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
+    """trace (B, N, In), ctx (B, ctx_dims) -> (B, N, Out): super_linear with neuron d's weight
+    W_d + gate_d·scale·U V^T (In, Out), never formed."""
+    in_dims, out_dims, n = p['w1'].shape
+    if trace.dim() != 3 or trace.shape[1:] != (n, in_dims) or trace.shape[0] != ctx.shape[0]:
+        raise ValueError(f"trace: expected (B, {n}, {in_dims}) with the context's B = {ctx.shape[0]}, "
+                         f"got {tuple(trace.shape)}")
+    x = dropout(trace, rate, train)  # once, so that the base and plastic paths see the same dropout mask
+    if 'ln' in p:
+        x = layer_norm(p['ln'], x)
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
+    delta = torch.bmm(torch.bmm(x, u), v.transpose(1, 2))  # (B, N, Out): (x U) V^T for every neuron at once
+    return torch.addcmul(super_linear({k: p[k] for k in ('w1', 'b1', 'T')}, x), delta, (gate / p['T'])[:, :, None],
+                         value=(in_dims * u.shape[-1]) ** -0.5)
+
+
+def hyper_super_linear_dense_weight(p, ctx):
+    """Every neuron's W_d + gate_d·scale·U V^T as a dense (B, In, Out, N) tensor, w1's layout (tests, teaching)."""
+    in_dims, out_dims, _ = p['w1'].shape
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
+    scale = (in_dims * u.shape[-1]) ** -0.5
+    return p['w1'] + gate[:, None, None, :] * torch.einsum('bmr,bhr->bmh', u, v)[..., None] * scale
+
+
+def plastic_super_linear(p, x, ctx, rate=0.0, train=False):
+    """A SuperLinear that is plastic when its dict carries a hypernetwork (the NLM's last SuperLinear)."""
+    return hyper_super_linear(p, x, ctx, rate, train) if 'hyper' in p else super_linear(p, x, rate, train)
 
 
 # ================================================================================================================
 # synapses (SynapseUNET / HyperSynapseUNET), neuron-level models, synchronisation, certainty, backbones (issue 3)
 
 
+def synapse_widths(d_model, depth, minimum_width=16):
+    """The U-Net's widths, as the original: `depth` points of linspace(d_model, 16), truncated to ints."""
+    return [int(w) for w in np.linspace(d_model, minimum_width, depth)]
+
+
+def init_synapse_unet(gen, d_in, d_model, depth, hyper_layers='none', hyper_rank=8):
+    """SynapseUNET (depth > 1): first projection d_in -> widths[0], depth-1 down blocks, mirrored up blocks with
+    skip connections. depth == 1 is the original's Dropout -> Linear(d_in -> 2 d_model) -> GLU -> LayerNorm.
+
+    HyperSynapseUNET: `hyper_layers` makes Linears HyperLoRALinear, each with its own hypernetwork reading the
+    pre_synapse_input: 'bottleneck' the two into and out of the narrowest level, 'down'/'up' every down/up Linear,
+    'all' both and the first projection (at depth 1, the only Linear: 'all' or 'none')."""
+    if depth == 1 and hyper_layers not in ('none', 'all'):
+        raise ValueError(f"hyper_layers: synapse_depth 1 has no down/up Linears, expected 'none' or 'all', "
+                         f"got {hyper_layers!r}")
+    lin = lambda a, b, hyper: (init_hyper_lora_linear(gen, a, b, hyper_rank, d_in) if hyper
+                               else init_linear(gen, a, b))
+    if depth == 1:
+        return {'first': {'lin': lin(d_in, 2 * d_model, hyper_layers == 'all'), 'ln': init_layer_norm(d_model)}}
+    widths = synapse_widths(d_model, depth)
+    level = lambda a, b, hyper: {'lin': lin(a, b, hyper), 'ln': init_layer_norm(b)}
+    hyper = lambda way, i: hyper_layers in (way, 'all') or (hyper_layers == 'bottleneck' and i == depth - 2)
+    return {'first': level(d_in, widths[0], hyper_layers == 'all'),
+            'down': [level(widths[i], widths[i + 1], hyper('down', i)) for i in range(depth - 1)],
+            'up': [level(widths[i + 1], widths[i], hyper('up', i)) for i in range(depth - 1)],
+            'skip_ln': [init_layer_norm(widths[i]) for i in range(depth - 1)]}
+
+
+def synapse_unet(p, x, rate=0.0, train=False):
+    """pre_synapse_input (B, d_input + d_model) -> state (B, d_model)."""
+    if 'down' not in p:
+        return layer_norm(p['first']['ln'], glu(plastic_linear(p['first']['lin'], dropout(x, rate, train), x)))
+    outs_down = [F.silu(layer_norm(p['first']['ln'], plastic_linear(p['first']['lin'], x, x)))]
+    for block in p['down']:
+        h = plastic_linear(block['lin'], dropout(outs_down[-1], rate, train), x)
+        outs_down.append(F.silu(layer_norm(block['ln'], h)))
+    out = outs_down[-1]
+    for i in reversed(range(len(p['up']))):
+        block = p['up'][i]
+        up = F.silu(layer_norm(block['ln'], plastic_linear(block['lin'], dropout(out, rate, train), x)))
+        out = layer_norm(p['skip_ln'][i], up + outs_down[i])
+    return out
+
+
+def init_nlm(gen, cfg):
+    """Neuron-level models: deep = SuperLinear(M -> 2H) -> GLU -> SuperLinear(H -> 2) -> GLU; shallow =
+    SuperLinear(M -> 2) -> GLU. Each of the d_model neurons has its own weights. With use_hyper_nlm the last
+    SuperLinear is a HyperSuperLinear read by the activated state (the deep NLM's first stays fixed, as the seed)."""
+    last = lambda a: (init_hyper_super_linear(gen, a, 2, cfg.d_model, cfg.hyper_nlm_rank, cfg.d_model,
+                                              cfg.do_layernorm_nlm) if cfg.use_hyper_nlm
+                      else init_super_linear(gen, a, 2, cfg.d_model, cfg.do_layernorm_nlm))
+    if cfg.deep_nlms:
+        return {'l1': init_super_linear(gen, cfg.memory_length, 2 * cfg.memory_hidden_dims, cfg.d_model,
+                                        cfg.do_layernorm_nlm),
+                'l2': last(cfg.memory_hidden_dims)}
+    return {'l1': last(cfg.memory_length)}
+
+
+def nlm(p, trace, activated_state, cfg, train=False):
+    """trace (B, d_model, M) -> new activated_state (B, d_model). `activated_state` (the previous one) is unused by
+    the plain CTM; the plastic NLM reads it as the hypernetwork's context."""
+    rate = cfg.dropout if cfg.dropout_nlm is None else cfg.dropout_nlm
+    h = glu(plastic_super_linear(p['l1'], trace, activated_state, rate, train))
+    if 'l2' in p:
+        h = glu(plastic_super_linear(p['l2'], h, activated_state, rate, train))
+    return h.squeeze(-1)
+
+
+def synch_size(n_synch, select_type):
+    return n_synch if select_type == 'random-pairing' else n_synch * (n_synch + 1) // 2
+
+
+def init_synch_pairs(gen, d_model, n_synch, select_type, which, n_self=0):
+    """The fixed neuron pairs (left[k], right[k]) whose product feeds synchronisation entry k.
+
+    first-last: out uses the first n neurons, action the last n, all pairs i <= j (triu); random: two random
+    subsets (with replacement, as np.random.choice in the original), all pairs i <= j of the dense outer product;
+    random-pairing: n random pairs, the first n_self of them a neuron with itself."""
+    if select_type == 'first-last':
+        left = right = torch.arange(n_synch) if which == 'out' else torch.arange(d_model - n_synch, d_model)
+    else:
+        left = torch.randint(0, d_model, (n_synch,), generator=gen)
+        right = torch.randint(0, d_model, (n_synch,), generator=gen)
+    if select_type == 'random-pairing':
+        return left, torch.cat([left[:n_self], right[n_self:]])
+    i, j = torch.triu_indices(n_synch, n_synch)
+    return left[i], right[j]
+
+
+def synchronisation(activated_state, alpha, beta, r, left, right):
+    """One step of the decayed synchronisation recursion; alpha=None starts it.
+
+    With z_t the activated state at step t: alpha_t = r alpha_{t-1} + z_t[left] z_t[right], beta_t = r beta_{t-1} + 1,
+    sync_t = alpha_t / sqrt(beta_t), i.e. a decay-weighted inner product of the two neurons' histories."""
+    pairwise = activated_state[:, left] * activated_state[:, right]  # (B, synch size)
+    if alpha is None:
+        alpha, beta = pairwise, torch.ones_like(pairwise)
+    else:
+        alpha, beta = r * alpha + pairwise, r * beta + 1
+    return alpha / torch.sqrt(beta), alpha, beta
+
+
+def certainty(prediction, prediction_reshaper):
+    """prediction (B, out_dims) -> (B, 2) = [normalised entropy, 1 - normalised entropy]; the entropy is taken over
+    the last axis of the reshaped prediction (e.g. the 5 moves of each route step) and averaged over the rest."""
+    logits = prediction.reshape(prediction.shape[0], *prediction_reshaper)
+    logp = torch.log_softmax(logits, dim=-1)
+    ne = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+    ne = ne.flatten(1).mean(-1) if ne.dim() > 1 else ne
+    return torch.stack([ne, 1 - ne], dim=-1)
+
+
+RESNET_BLOCKS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
+
+
+def d_backbone(cfg):
+    """Channels of the backbone's feature map (the original's get_d_backbone)."""
+    if cfg.backbone_type.startswith('resnet'):
+        return 64 * 2 ** (int(cfg.backbone_type.split('-')[1]) - 1)
+    return cfg.in_channels if cfg.backbone_type == 'none' else cfg.d_input
+
+
+def init_backbone(gen, cfg):
+    """(params, buffers) of the feature extractor.
+
+    resnetNN-k: the original's truncated ResNet (models/resnet.py): a 1x1 conv to 3 channels (its `initial_rgb`),
+    a 3x3 stride-1 stem (not 7x7: a small receptive field makes the CTM look around), max-pool, then the first k
+    stages of BasicBlocks (stride 2 from stage 2 on). conv: the original's small MNISTBackbone, two
+    conv3x3 -> BN -> ReLU -> maxpool stages of d_input channels. parity_backbone: an embedding of the two signs."""
+    kind = cfg.backbone_type
+    if kind == 'none':
+        return {}, {}
+    if kind == 'parity_backbone':
+        return {'embedding': torch.randn(2, cfg.d_input, generator=gen)}, {}
+    if kind == 'conv':
+        stages = [(cfg.in_channels, cfg.d_input), (cfg.d_input, cfg.d_input)]
+        bns = [init_batch_norm(c) for _, c in stages]
+        return ({'stages': [{'conv': init_conv(gen, a, b, 3, bias=True), 'bn': bn[0]}
+                            for (a, b), bn in zip(stages, bns)]}, {'stages': [{'bn': bn[1]} for bn in bns]})
+    family, n_stages = kind.split('-')
+    bn1 = init_batch_norm(64)
+    params = {'rgb': init_conv(gen, cfg.in_channels, 3, 1, bias=True), 'conv1': init_conv(gen, 3, 64, 3),
+              'bn1': bn1[0], 'stages': []}
+    buffers = {'bn1': bn1[1], 'stages': []}
+    c_in = 64
+    for s in range(int(n_stages)):
+        c_out, stage_p, stage_b = 64 * 2 ** s, [], []
+        for b in range(RESNET_BLOCKS[family][s]):
+            stride = 2 if s > 0 and b == 0 else 1
+            bn_a, bn_b = init_batch_norm(c_out), init_batch_norm(c_out)
+            bp = {'conv1': init_conv(gen, c_in, c_out, 3), 'bn1': bn_a[0], 'conv2': init_conv(gen, c_out, c_out, 3),
+                  'bn2': bn_b[0]}
+            bb = {'bn1': bn_a[1], 'bn2': bn_b[1]}
+            if stride != 1 or c_in != c_out:
+                bn_d = init_batch_norm(c_out)
+                bp['down'], bb['down'] = {'conv': init_conv(gen, c_in, c_out, 1), 'bn': bn_d[0]}, bn_d[1]
+            stage_p.append(bp)
+            stage_b.append(bb)
+            c_in = c_out
+        params['stages'].append(stage_p)
+        buffers['stages'].append(stage_b)
+    return params, buffers
+
+
+def basic_block(p, buf, x, stride, train):
+    out, b1 = batch_norm(p['bn1'], buf['bn1'], conv(p['conv1'], x, stride), train)
+    out, b2 = batch_norm(p['bn2'], buf['bn2'], conv(p['conv2'], F.relu(out), 1), train)
+    new = {'bn1': b1, 'bn2': b2}
+    identity = x
+    if 'down' in p:
+        identity, new['down'] = batch_norm(p['down']['bn'], buf['down'], conv(p['down']['conv'], x, stride), train)
+    return F.relu(out + identity), new
+
+
+def backbone(p, buf, x, cfg, train=False):
+    """x -> (feature map (B, C, ...) channels first, updated buffers)."""
+    kind = cfg.backbone_type
+    if kind == 'none':
+        return x, buf
+    if kind == 'parity_backbone':
+        return rearrange(p['embedding'][(x == 1).long()], 'b l c -> b c l'), buf
+    if kind == 'conv':
+        new = {'stages': []}
+        for sp, sb in zip(p['stages'], buf['stages']):
+            x, bn = batch_norm(sp['bn'], sb['bn'], conv(sp['conv'], x), train)
+            x = F.max_pool2d(F.relu(x), 2, 2)
+            new['stages'].append({'bn': bn})
+        return x, new
+    x, bn1 = batch_norm(p['bn1'], buf['bn1'], conv(p['conv1'], conv(p['rgb'], x)), train)
+    x = F.max_pool2d(F.relu(x), 3, 2, 1)
+    new = {'bn1': bn1, 'stages': []}
+    for s, (stage_p, stage_b) in enumerate(zip(p['stages'], buf['stages'])):
+        new_stage = []
+        for b, (bp, bb) in enumerate(zip(stage_p, stage_b)):
+            x, nb = basic_block(bp, bb, x, 2 if s > 0 and b == 0 else 1, train)
+            new_stage.append(nb)
+        new['stages'].append(new_stage)
+    return x, new
+
+
+def init_positional_embedding(gen, kind, d):
+    """learnable-fourier: Li et al. 2021, Algorithm 1 (Wr ~ N(0, gamma^-2), gamma = 1/2.5, F = 256, H = 128);
+    custom-rotational(-1d): a fixed rotating 2-vector per position, projected by a Linear (the 2D one learns the
+    start vector)."""
+    if kind == 'learnable-fourier':
+        return {'Wr': torch.randn(128, 2, generator=gen) * 2.5 ** 2, 'l1': init_linear(gen, 256, 128),
+                'l2': init_linear(gen, 64, d), 'ln': init_layer_norm(d)}
+    if kind == 'custom-rotational':
+        return {'start_vector': torch.tensor([0.0, 1.0]), 'proj': init_linear(gen, 4, d)}
+    if kind == 'custom-rotational-1d':
+        return {'proj': init_linear(gen, 2, d)}
+    return {}
+
+
+def rotate(start_vector, n, device):
+    """start_vector rotated by n angles from 0 to 180 degrees -> (n, 2)."""
+    theta = torch.deg2rad(torch.linspace(0, 180, n, device=device))
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.stack([c * start_vector[0] - s * start_vector[1], s * start_vector[0] + c * start_vector[1]], -1)
+
+
+def positional_embedding(p, kind, features):
+    """features (B, C, H, W) or (B, C, L) -> an embedding that broadcasts against them (or 0 for 'none')."""
+    if kind == 'none':
+        return 0
+    if kind == 'custom-rotational-1d':
+        pe = linear(p['proj'], rotate(torch.tensor([0.0, 1.0]), features.shape[-1], features.device))  # (L, C)
+        return pe.t()[None]
+    h, w = features.shape[-2:]
+    if kind == 'custom-rotational':
+        # The original rotates along the width only and builds a (W, W) grid; rows here use their own height.
+        rows = rotate(p['start_vector'], h, features.device)
+        cols = rotate(p['start_vector'], w, features.device)
+        key = torch.cat([rows[:, None].expand(h, w, 2), cols[None].expand(h, w, 2)], -1)  # (H, W, 4)
+        return rearrange(linear(p['proj'], key), 'h w c -> c h w')[None]
+    ys = torch.arange(h, device=features.device, dtype=features.dtype) / max(h - 1, 1)
+    xs = torch.arange(w, device=features.device, dtype=features.dtype) / max(w - 1, 1)
+    coords = torch.stack([xs[None].expand(h, w), ys[:, None].expand(h, w)], -1)  # (H, W, 2) as (x, y)
+    projected = coords @ p['Wr'].t()
+    fourier = torch.cat([torch.cos(projected), torch.sin(projected)], -1) / math.sqrt(256)
+    y = layer_norm(p['ln'], linear(p['l2'], glu(linear(p['l1'], fourier))))
+    return rearrange(y, 'h w c -> c h w')[None]
+
+
 # ================================================================================================================
 # the (Hyper) Continuous Thought Machine (issue 3; hyper fields wired in by issue 4)
+
+
+def init_ctm(cfg, gen):
+    """-> (params, buffers). Buffers hold what is not learned: the neuron pairs of both synchronisations and the
+    backbone's batch-norm running statistics."""
+    synch_out = synch_size(cfg.n_synch_out, cfg.neuron_select_type)
+    synch_action = synch_size(cfg.n_synch_action, cfg.neuron_select_type)
+    backbone_p, backbone_b = init_backbone(gen, cfg)
+    d_feat = d_backbone(cfg)
+    params = {
+        'backbone': backbone_p,
+        'positional_embedding': init_positional_embedding(gen, cfg.positional_embedding_type, d_feat),
+        'kv_proj': {'lin': init_linear(gen, d_feat, cfg.d_input), 'ln': init_layer_norm(cfg.d_input)},
+        'q_proj': init_linear(gen, synch_action, cfg.d_input),
+        'attention': init_attention(gen, cfg.d_input, cfg.heads),
+        'synapses': init_synapse_unet(gen, cfg.d_input + cfg.d_model, cfg.d_model, cfg.synapse_depth,
+                                      cfg.hyper_layers, cfg.hyper_rank),
+        'nlm': init_nlm(gen, cfg),
+        'start_activated_state': uniform(gen, (cfg.d_model,), math.sqrt(1 / cfg.d_model)),
+        'start_trace': uniform(gen, (cfg.d_model, cfg.memory_length), math.sqrt(1 / (cfg.d_model + cfg.memory_length))),
+        'decay_params_action': torch.zeros(synch_action),
+        'decay_params_out': torch.zeros(synch_out),
+        'output_projector': init_linear(gen, synch_out, cfg.out_dims),
+    }
+    buffers = {'backbone': backbone_b}
+    for which, n in (('action', cfg.n_synch_action), ('out', cfg.n_synch_out)):
+        left, right = init_synch_pairs(gen, cfg.d_model, n, cfg.neuron_select_type, which, cfg.n_random_pairing_self)
+        buffers[f'{which}_left'], buffers[f'{which}_right'] = left, right
+    return params, buffers
+
+
+def ctm_features(params, buffers, x, cfg, train=False):
+    """x -> (kv (B, S, d_input), updated buffers): backbone, positional embedding, kv projection."""
+    features, new_backbone = backbone(params['backbone'], buffers['backbone'], x, cfg, train)
+    features = features + positional_embedding(params['positional_embedding'], cfg.positional_embedding_type,
+                                               features)
+    kv = layer_norm(params['kv_proj']['ln'], linear(params['kv_proj']['lin'], features.flatten(2).transpose(1, 2)))
+    return kv, {**buffers, 'backbone': new_backbone}
+
+
+def ctm_think(params, buffers, kv, cfg, train=False):
+    """The internal ticks over fixed features kv -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out).
+
+    decay_params are clamped to [0, 15] here, as a pure function; the original clamps the parameter in place every
+    forward, which training reproduces by projecting it back into [0, 15] after each optimizer step."""
+    B = kv.shape[0]
+    trace = params['start_trace'].expand(B, -1, -1)  # (B, D, M)
+    activated_state = params['start_activated_state'].expand(B, -1)  # (B, D)
+    r_action = torch.exp(-params['decay_params_action'].clamp(0, 15))
+    r_out = torch.exp(-params['decay_params_out'].clamp(0, 15))
+    pairs_action, pairs_out = (buffers['action_left'], buffers['action_right']), (buffers['out_left'],
+                                                                                  buffers['out_right'])
+    _, alpha_out, beta_out = synchronisation(activated_state, None, None, r_out, *pairs_out)
+    alpha_action = beta_action = None
+    predictions, certainties = [], []
+    for _ in range(cfg.iterations):
+        sync_action, alpha_action, beta_action = synchronisation(activated_state, alpha_action, beta_action,
+                                                                 r_action, *pairs_action)
+        q = linear(params['q_proj'], sync_action)[:, None]  # (B, 1, d_input)
+        attn_out = attention(params['attention'], q, kv, cfg.heads, cfg.dropout, train)[:, 0]
+        pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)  # (B, d_input + D)
+        state = synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train)  # (B, D)
+        trace = torch.cat([trace[..., 1:], state[..., None]], dim=-1)
+        activated_state = nlm(params['nlm'], trace, activated_state, cfg, train)
+        sync_out, alpha_out, beta_out = synchronisation(activated_state, alpha_out, beta_out, r_out, *pairs_out)
+        prediction = linear(params['output_projector'], sync_out)  # (B, out_dims)
+        predictions.append(prediction)
+        certainties.append(certainty(prediction, cfg.prediction_reshaper))
+    return torch.stack(predictions, -1), torch.stack(certainties, -1), sync_out
+
+
+def ctm_forward(params, buffers, x, cfg, train=False):
+    """x -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out (B, synch size out)).
+
+    Dropout (train=True) draws from torch's global RNG. Batch-norm running statistics are not updated here: a
+    training step that wants them calls ctm_features (which returns the new buffers) and then ctm_think."""
+    kv, _ = ctm_features(params, buffers, x, cfg, train)
+    return ctm_think(params, buffers, kv, cfg, train)
 
 
 # ================================================================================================================
 # losses (issue 3)
 
 
+def select_ticks(losses, certainties, use_most_certain=True):
+    """losses (B, T) -> (per-example loss (B,), most certain tick (B,)): the mean of the loss at the tick where it is
+    lowest and at the tick where the model is most certain (the last tick when use_most_certain is False)."""
+    batch = torch.arange(losses.shape[0], device=losses.device)
+    lowest = losses.argmin(dim=1)
+    chosen = certainties[:, 1].argmax(-1) if use_most_certain else torch.full_like(lowest, losses.shape[1] - 1)
+    return (losses[batch, lowest] + losses[batch, chosen]) / 2, chosen
+
+
+def tick_cross_entropy(predictions, targets):
+    """predictions (B, ..., C, T), targets (B, ...) -> cross-entropy (B, ..., T) at every tick."""
+    logits = predictions.movedim(-2, 1)  # (B, C, ..., T): cross_entropy wants the classes on axis 1
+    return F.cross_entropy(logits, targets[..., None].expand(*targets.shape, predictions.shape[-1]).long(),
+                           reduction='none')
+
+
+def classification_loss(predictions, certainties, targets, use_most_certain=True):
+    """predictions (B, C, T), targets (B,) -> (loss, most certain tick (B,))."""
+    per_example, chosen = select_ticks(tick_cross_entropy(predictions, targets), certainties, use_most_certain)
+    return per_example.mean(), chosen
+
+
+def parity_loss(predictions, certainties, targets, use_most_certain=True):
+    """predictions (B, L, 2, T), targets (B, L): cross-entropy averaged over the sequence, then the tick rule."""
+    per_example, chosen = select_ticks(tick_cross_entropy(predictions, targets).mean(1), certainties,
+                                       use_most_certain)
+    return per_example.mean(), chosen
+
+
+def maze_loss(predictions, certainties, targets, cirriculum_lookahead=5, use_most_certain=True):
+    """predictions (B, R, 5, T), targets (B, R) -> (loss, most certain tick (B,), route steps trained (B,)).
+
+    The original's auto-curriculum: at each tick find the last step of the correctly predicted route prefix; only
+    the route steps up to (the best tick's such step) + cirriculum_lookahead enter the loss, so the model learns
+    the route from its start outwards."""
+    losses = tick_cross_entropy(predictions, targets)  # (B, R, T)
+    correct_prefix = (predictions.argmax(2) == targets[..., None]).long().cumprod(1).sum(1)  # (B, T)
+    upto_where = ((correct_prefix - 1).clamp(min=0).max(1).values + cirriculum_lookahead).clamp(max=losses.shape[1])
+    mask = (torch.arange(losses.shape[1], device=losses.device)[None] < upto_where[:, None]).float()  # (B, R)
+    route_losses = (losses * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, T)
+    per_example, chosen = select_ticks(route_losses, certainties, use_most_certain)
+    return per_example.mean(), chosen, upto_where
+
+
 # ================================================================================================================
 # tasks: mazes, parity, images (issue 3)
+
+
+MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # the original's classes 0..3: up, down, left, right
+WAIT = 4  # class 4 pads routes shorter than route_length
+MAZE_SIZES = {'mazes-small': 39, 'mazes-medium': 39, 'mazes-large': 99}  # image side in pixels, as the original's
+
+
+def generate_maze(rng, size):
+    """A random perfect maze on a size x size pixel grid -> (open (size, size) bool, start, end, moves).
+
+    Cells sit at odd pixel coordinates and walls between them, as in the original dataset's images (39x39 pixels
+    = 19x19 cells). A randomised depth-first search from the start cell carves a spanning tree, so there is exactly
+    one route between any two cells; its moves (indices into MOVES, one per pixel) come from the tree's parents."""
+    if size < 5 or size % 2 == 0:
+        raise ValueError(f'maze size: expected an odd number of pixels >= 5, got {size}')
+    cells = (size - 1) // 2
+    open_ = np.zeros((size, size), dtype=bool)
+    draws = iter(rng.random(cells * cells).tolist())
+    start = (int(rng.integers(cells)), int(rng.integers(cells)))
+    parent = {start: None}
+    stack = [start]
+    open_[2 * start[0] + 1, 2 * start[1] + 1] = True
+    while stack:
+        r, c = stack[-1]
+        free = [(m, (r + dr, c + dc)) for m, (dr, dc) in enumerate(MOVES)
+                if 0 <= r + dr < cells and 0 <= c + dc < cells and (r + dr, c + dc) not in parent]
+        if not free:
+            stack.pop()
+            continue
+        m, cell = free[int(next(draws) * len(free))]
+        parent[cell] = (m, (r, c))
+        open_[2 * r + 1 + MOVES[m][0], 2 * c + 1 + MOVES[m][1]] = True
+        open_[2 * cell[0] + 1, 2 * cell[1] + 1] = True
+        stack.append(cell)
+    end = start
+    while end == start:
+        end = (int(rng.integers(cells)), int(rng.integers(cells)))
+    moves, cell = [], end
+    while parent[cell] is not None:
+        m, cell = parent[cell]
+        moves += [m, m]  # one cell step crosses the wall pixel between the two cells
+    to_pixel = lambda cell: (2 * cell[0] + 1, 2 * cell[1] + 1)
+    return open_, to_pixel(start), to_pixel(end), moves[::-1]
+
+
+def maze_image(open_, start, end):
+    """-> uint8 (H, W, 3): walls black, corridors white, start red, goal green (the original dataset's colours)."""
+    image = np.repeat(open_[..., None].astype(np.uint8) * 255, 3, axis=2)
+    image[start] = (255, 0, 0)
+    image[end] = (0, 255, 0)
+    return image
+
+
+def maze_batch(rng, n, size, route_length):
+    """-> (x float32 (n, 3, H, W) in [-1, 1] as the original's expand_range, targets int64 (n, route_length) of
+    the first route_length moves padded with WAIT, uint8 images (n, H, W, 3))."""
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    targets = np.full((n, route_length), WAIT, dtype=np.int64)
+    for i in range(n):
+        open_, start, end, moves = generate_maze(rng, size)
+        images[i] = maze_image(open_, start, end)
+        targets[i, :min(len(moves), route_length)] = moves[:route_length]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    return x, torch.from_numpy(targets), images
+
+
+def walk_route(image, moves):
+    """Follow moves from the red start pixel of a maze image -> pixels visited until the first move into a wall
+    (or off the image); WAIT stays put."""
+    here = tuple(int(v) for v in np.argwhere((image == (255, 0, 0)).all(-1))[0])
+    path = [here]
+    for m in moves:
+        if m == WAIT:
+            continue
+        y, x = here[0] + MOVES[m][0], here[1] + MOVES[m][1]
+        if not (0 <= y < image.shape[0] and 0 <= x < image.shape[1]) or not image[y, x].any():
+            break
+        here = (y, x)
+        path.append(here)
+    return path
+
+
+def parity_batch(gen, n, length):
+    """The CTM paper's cumulative parity: x ±1 (n, length); target t = parity of the number of -1s in x[:t+1]."""
+    x = torch.randint(0, 2, (n, length), generator=gen).float() * 2 - 1
+    return x, (x == -1).long().cumsum(1) % 2
+
+
+def load_cifar10(root):
+    """CIFAR-10's python pickles (data_batch_1..5, test_batch) -> ((uint8 (N, 32, 32, 3), labels), same for test)."""
+    def read(names):
+        xs, ys = [], []
+        for name in names:
+            with open(os.path.join(root, name), 'rb') as f:
+                batch = pickle.load(f, encoding='bytes')
+            xs.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch[b'labels'], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+    return read([f'data_batch_{i}' for i in range(1, 6)]), read(['test_batch'])
+
+
+def resize_nearest(image, size):
+    rows = np.arange(size) * image.shape[0] // size
+    cols = np.arange(size) * image.shape[1] // size
+    return image[rows][:, cols]
+
+
+def load_image_folder(root, read_image, size):
+    """ImageFolder layout (root/CLASS/*.png|ppm|pgm, or root/train/CLASS/... and root/test/CLASS/...) ->
+    ((uint8 (N, size, size, 3), labels), test split, class names). read_image(path) -> uint8 (H, W, 3); without a
+    test folder every 10th image of each class is held out."""
+    def read(folder, classes):
+        xs, ys, held = [], [], []
+        for label, name in enumerate(classes):
+            files = sorted(f for f in os.listdir(os.path.join(folder, name))
+                           if f.lower().endswith(('.png', '.ppm', '.pgm')))
+            for k, f in enumerate(files):
+                xs.append(resize_nearest(read_image(os.path.join(folder, name, f)), size))
+                ys.append(label)
+                held.append(k % 10 == 9)
+        if not xs:
+            raise ValueError(f'{folder}: no .png/.ppm/.pgm images in class folders {classes}')
+        return np.stack(xs), np.asarray(ys, dtype=np.int64), np.asarray(held)
+    split = os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(os.path.join(root, 'test'))
+    top = os.path.join(root, 'train') if split else root
+    classes = sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)))
+    if not classes:
+        raise ValueError(f'{root}: expected one sub-folder per class (ImageFolder layout)')
+    x, y, held = read(top, classes)
+    if split:
+        tx, ty, _ = read(os.path.join(root, 'test'), classes)
+        return (x, y), (tx, ty), classes
+    return (x[~held], y[~held]), (x[held], y[held]), classes
+
+
+def generated_images(rng, n, size, n_classes=10):
+    """A smoke-test image set: class k is a noisy stripe pattern at angle k·180°/n_classes, random phase and
+    colour -> (uint8 (n, size, size, 3), labels)."""
+    labels = rng.integers(0, n_classes, n)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = labels[:, None, None] * np.pi / n_classes
+    phase = rng.random((n, 1, 1)) * 2 * np.pi
+    wave = np.sin(2 * np.pi * 3 * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+    colour = 0.3 + 0.7 * rng.random((n, 1, 1, 3))
+    images = (wave[..., None] * 0.5 + 0.5) * colour + 0.15 * rng.standard_normal((n, size, size, 3))
+    return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def images_to_tensor(images):
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -149,7 +149,7 @@ class Progress:
         rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float('inf')
         parts = [f'step {step}/{self.total}']
-        parts += [f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()]
+        parts += [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()]
         parts += [f'{rate:.2f} steps/s', f'eta {format_seconds(eta) if math.isfinite(eta) else "?"}']
         return ' | '.join(parts)
 
@@ -174,7 +174,7 @@ def run_loop(total_steps, start_step, step_fn, save_fn, log_every=10, save_every
                 progress.print(step, **metrics)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
                 eval_metrics = eval_fn(step)
-                print('eval | ' + ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                print('eval | ' + ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
                                              for k, v in eval_metrics.items()), flush=True)
                 if log is not None:
                     log.write(step=step, **{f'eval_{k}': v for k, v in eval_metrics.items()})
@@ -283,6 +283,35 @@ def read_image(path):
     return img[..., :3].copy()
 
 
+def setup_distributed(device_name):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them: one process, rank 0."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    # NVLink multicast can take a shared host's GPUs out of service: off unless the user set it explicitly.
+    os.environ.setdefault('NCCL_NVLS_ENABLE', '0')
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return torch.distributed.get_rank(), world, device
+
+
+def all_reduce_grads(leaves, world):
+    """Average gradients over ranks in one flat all-reduce (every rank holds the same parameter list)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(leaves, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
 def add_common_args(p, log_dir, steps):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto', help='cpu, cuda or auto')
@@ -296,46 +325,761 @@ def add_common_args(p, log_dir, steps):
 # ----------------------------------------------------------------------------------------------------------------
 # ctm: Plastic Continuous Thought Machine (plastic.py)
 
+# `python train.py ctm` with no flag: a small model that learns 11x11-pixel mazes on a CPU in a few minutes.
+CTM_DEFAULTS = dict(d_model=128, d_input=64, heads=4, iterations=12, synapse_depth=4, memory_length=8,
+                    deep_memory=True, memory_hidden_dims=8, n_synch_out=64, n_synch_action=32,
+                    neuron_select_type='random-pairing', n_random_pairing_self=0, backbone_type='resnet18-1',
+                    positional_embedding_type='none', dropout=0.0, dropout_nlm=None, do_normalisation=False,
+                    lr=1e-3, batch_size=32, batch_size_test=64, warmup_steps=100, maze_size=11, maze_route_length=8)
+# The seeds' mazes configuration (plastic_ctm_readme / hyper guides: `--dataset mazes-small`).
+CTM_PRESETS = {
+    'mazes-small': dict(d_model=1024, d_input=256, heads=4, iterations=50, synapse_depth=8, memory_length=25,
+                        deep_memory=True, memory_hidden_dims=32, n_synch_out=128, n_synch_action=128,
+                        neuron_select_type='random-pairing', n_random_pairing_self=0, backbone_type='resnet18-1',
+                        positional_embedding_type='none', dropout=0.0, lr=1e-4, batch_size=64, batch_size_test=64,
+                        warmup_steps=1000, maze_size=39, maze_route_length=50),
+    # The paper's maze run (tasks/mazes/README.md of the original), here with resnet34-2 as there.
+    'mazes-medium': dict(d_model=2048, d_input=512, heads=8, iterations=75, synapse_depth=4, memory_length=25,
+                         deep_memory=True, memory_hidden_dims=32, n_synch_out=64, n_synch_action=32,
+                         neuron_select_type='first-last', backbone_type='resnet34-2',
+                         positional_embedding_type='none', dropout=0.1, lr=1e-4, batch_size=64, batch_size_test=64,
+                         warmup_steps=10000, maze_size=39, maze_route_length=100),
+}
+CTM_TASK_DEFAULTS = {'parity': dict(backbone_type='parity_backbone', positional_embedding_type='custom-rotational-1d',
+                                    neuron_select_type='random', n_synch_out=32, n_synch_action=32)}
+CTM_MODEL_ARGS = ('ctm_task', 'd_model', 'd_input', 'heads', 'iterations', 'synapse_depth', 'memory_length',
+                  'deep_memory', 'memory_hidden_dims', 'do_normalisation', 'n_synch_out', 'n_synch_action',
+                  'neuron_select_type', 'n_random_pairing_self', 'backbone_type', 'positional_embedding_type',
+                  'maze_route_length', 'parity_sequence_length', 'hyper_layers', 'hyper_rank', 'use_hyper',
+                  'use_hyper_nlm', 'hyper_nlm_rank')
+
+
 def add_ctm_args(p):
-    add_common_args(p, 'runs/ctm', 1000)
-    p.add_argument('--use_hyper', action='store_true')
+    add_common_args(p, 'runs/ctm', 1500)
+    none = dict(default=None)
+    p.add_argument('--task', dest='ctm_task', default='mazes', choices=('mazes', 'parity', 'images'))
+    p.add_argument('--preset', choices=tuple(CTM_PRESETS), help='a full configuration (the seeds\' mazes-small: '
+                   'd_model 1024, resnet18-1, 50 ticks, 39x39 mazes, route 50); explicit flags still win')
+    g = p.add_argument_group('model (default: the small CPU model, or --preset)')
+    for name, kind in (('d_model', int), ('d_input', int), ('heads', int), ('iterations', int),
+                       ('synapse_depth', int), ('memory_length', int), ('memory_hidden_dims', int),
+                       ('n_synch_out', int), ('n_synch_action', int), ('n_random_pairing_self', int),
+                       ('dropout', float), ('dropout_nlm', float)):
+        g.add_argument(f'--{name}', type=kind, help=f'default {CTM_DEFAULTS[name]}', **none)
+    g.add_argument('--deep_memory', action=argparse.BooleanOptionalAction, help='deep NLMs (default on)', **none)
+    g.add_argument('--do_normalisation', action=argparse.BooleanOptionalAction, help='LayerNorm in the NLMs', **none)
+    g.add_argument('--neuron_select_type', choices=('first-last', 'random', 'random-pairing'), **none)
+    g.add_argument('--backbone_type', help="none, conv, parity_backbone, resnet18-1..4, resnet34-1..4", **none)
+    g.add_argument('--positional_embedding_type',
+                   choices=('none', 'learnable-fourier', 'custom-rotational', 'custom-rotational-1d'), **none)
+    g.add_argument('--use_hyper', action='store_true', help='plastic synapses (HyperSynapseUNET)')
+    g.add_argument('--hyper_layers', choices=('none', 'bottleneck', 'down', 'up', 'all'),
+                   help='synapse Linears made plastic; needs --use_hyper (default with it: bottleneck)', **none)
+    g.add_argument('--hyper_rank', type=int, default=8, help='rank of the synapse hypernetworks\' U V^T')
+    g.add_argument('--use_hyper_nlm', action='store_true', help='plastic neuron-level models (HyperSuperLinear)')
+    g.add_argument('--hyper_nlm_rank', type=int, default=4, help='rank of the NLM hypernetwork\'s U V^T')
+    g.add_argument('--count_params', action='store_true',
+                   help='print the parameters each hyper configuration adds to this model, then exit')
+    g = p.add_argument_group('training')
+    for name, kind in (('lr', float), ('batch_size', int), ('batch_size_test', int), ('warmup_steps', int)):
+        g.add_argument(f'--{name}', type=kind, help=f'default {CTM_DEFAULTS[name]}', **none)
+    g.add_argument('--use_scheduler', action=argparse.BooleanOptionalAction, default=True,
+                   help='linear warmup then cosine decay to 1e-7 (the original\'s WarmupCosineAnnealingLR)')
+    g.add_argument('--weight_decay', type=float, default=0.0)
+    g.add_argument('--gradient_clipping', type=float, default=-1, help='max gradient norm (-1: off)')
+    g.add_argument('--use_amp', action='store_true', help='bfloat16 autocast on CUDA')
+    g.add_argument('--num_workers_train', type=int, default=0, help='processes generating maze batches ahead')
+    g.add_argument('--track_every', type=int, default=250, help='held-out evaluation every this many steps')
+    g.add_argument('--n_test', type=int, default=512, help='held-out examples (generated once, own seed)')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', choices=('mazes-small', 'mazes-medium', 'mazes-large'),
+                   help='the original\'s maze datasets\' image size (39, 39, 99 pixels)', **none)
+    g.add_argument('--maze_size', type=int, help='maze image side in pixels, odd (default 11; 39 = mazes-small)',
+                   **none)
+    g.add_argument('--maze_route_length', type=int, help='route steps predicted (default 8)', **none)
+    g.add_argument('--cirriculum_lookahead', type=int, default=5, help='(sic, the original\'s name)')
+    g.add_argument('--n_pngs', type=int, default=4, help='maze pictures written at each evaluation')
+    g.add_argument('--parity_sequence_length', type=int, default=16)
+    g.add_argument('--data_root', help='images: an ImageFolder directory or CIFAR-10 python pickles '
+                   '(default: a generated set)')
+    g.add_argument('--image_size', type=int, default=16, help='images are resized to this (generated/folder)')
+
+
+def resolve_ctm_args(args):
+    """Fill the flags left unset: explicit flag > --preset > task default > the small CPU default."""
+    import plastic
+    filled = dict(CTM_DEFAULTS, **CTM_TASK_DEFAULTS.get(args.ctm_task, {}), **CTM_PRESETS.get(args.preset) or {})
+    if args.dataset is not None:
+        filled['maze_size'] = plastic.MAZE_SIZES[args.dataset]
+    for name, value in filled.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.hyper_layers not in (None, 'none') and not args.use_hyper:
+        raise SystemExit(f'train.py ctm: --hyper_layers {args.hyper_layers} needs --use_hyper (the plastic synapses '
+                         'are off without it)')
+    args.hyper_layers = (args.hyper_layers or 'bottleneck') if args.use_hyper else 'none'
+    return args
+
+
+def ctm_task(args, device):
+    """-> (CTMConfig fields of the task, train_batch(step) -> (x, y), test set (x, y), loss(pred, cert, y))."""
+    import plastic
+    if args.ctm_task == 'mazes':
+        route, size = args.maze_route_length, args.maze_size
+        make = lambda rng, n: plastic.maze_batch(rng, n, size, route)
+        fields = dict(out_dims=5 * route, prediction_reshaper=(route, 5), in_channels=3)
+        loss = lambda pred, cert, y: plastic.maze_loss(pred.reshape(pred.shape[0], route, 5, -1), cert, y,
+                                                       args.cirriculum_lookahead)[:2]
+        test = make(np.random.default_rng([args.seed, 1]), args.n_test)
+        batch = lambda step: ctm_maze_batch(args.seed, step, args.batch_size, size, route)
+        return fields, batch, test, loss
+    if args.ctm_task == 'parity':
+        n = args.parity_sequence_length
+        fields = dict(out_dims=2 * n, prediction_reshaper=(n, 2), in_channels=1)
+        loss = lambda pred, cert, y: plastic.parity_loss(pred.reshape(pred.shape[0], n, 2, -1), cert, y)
+        test = plastic.parity_batch(make_generator(args.seed + 1), args.n_test, n)
+        gen = torch.Generator().manual_seed(args.seed)
+        batch = lambda step: plastic.parity_batch(gen.manual_seed(args.seed * 1_000_003 + step), args.batch_size, n)
+        return fields, batch, test, loss
+    if args.data_root and os.path.exists(os.path.join(args.data_root, 'data_batch_1')):
+        (x, y), (tx, ty) = plastic.load_cifar10(args.data_root)
+    elif args.data_root:
+        (x, y), (tx, ty), _ = plastic.load_image_folder(args.data_root, read_image, args.image_size)
+    else:
+        x, y = plastic.generated_images(np.random.default_rng([args.seed, 0]), 20000, args.image_size)
+        tx, ty = plastic.generated_images(np.random.default_rng([args.seed, 1]), args.n_test, args.image_size)
+    n_classes = int(max(y.max(), ty.max())) + 1
+    fields = dict(out_dims=n_classes, prediction_reshaper=(-1,), in_channels=3)
+
+    def batch(step):
+        idx = np.random.default_rng([args.seed, 0, step]).integers(0, len(x), args.batch_size)
+        return plastic.images_to_tensor(x[idx]), torch.from_numpy(y[idx])
+    test = (plastic.images_to_tensor(tx[:args.n_test]), torch.from_numpy(ty[:args.n_test]))
+    return fields, batch, test, plastic.classification_loss
+
+
+def ctm_config(args, fields):
+    import plastic
+    return plastic.CTMConfig(
+        iterations=args.iterations, d_model=args.d_model, d_input=args.d_input, heads=args.heads,
+        n_synch_out=args.n_synch_out, n_synch_action=args.n_synch_action, synapse_depth=args.synapse_depth,
+        memory_length=args.memory_length, deep_nlms=args.deep_memory, memory_hidden_dims=args.memory_hidden_dims,
+        do_layernorm_nlm=args.do_normalisation, backbone_type=args.backbone_type,
+        positional_embedding_type=args.positional_embedding_type, dropout=args.dropout, dropout_nlm=args.dropout_nlm,
+        neuron_select_type=args.neuron_select_type, n_random_pairing_self=args.n_random_pairing_self,
+        hyper_layers=args.hyper_layers if args.use_hyper else 'none', hyper_rank=args.hyper_rank,
+        use_hyper_nlm=args.use_hyper_nlm, hyper_nlm_rank=args.hyper_nlm_rank, **fields)
+
+
+# The seeds' parameter overheads (hyper_ctm_guide, hyper_nlm_guide) for d_model 1024, synapse_depth 8,
+# memory_length 25, memory_hidden_dims 32: (hyper_layers, hyper_rank, hyper_nlm_rank or 0) -> their estimate.
+SEEDS_HYPER_PARAMS = {('bottleneck', 8, 0): '≈100K', ('down', 8, 0): '≈500K', ('up', 8, 0): '≈500K',
+                      ('all', 8, 0): '≈1M', ('none', 8, 4): '≈200K', ('none', 8, 8): '≈400K',
+                      ('none', 8, 16): '≈800K', ('bottleneck', 8, 4): '≈300K', ('bottleneck', 8, 8): '≈500K',
+                      ('all', 16, 8): '≈1.5M'}
+
+
+def print_ctm_param_counts(args, fields):
+    """The exact parameters each of the seeds' hyper configurations adds to the model the other flags describe."""
+    import dataclasses
+    import plastic
+    base = dataclasses.replace(ctm_config(args, fields), hyper_layers='none', use_hyper_nlm=False)
+    count = lambda cfg: sum(t.numel() for t in tree_leaves(plastic.init_ctm(cfg, make_generator(0))[0]))
+    plain = count(base)
+    seeds_example = (args.d_model, args.synapse_depth, args.memory_length, args.memory_hidden_dims,
+                     args.deep_memory) == (1024, 8, 25, 32, True)
+    print(f'plain CTM: {plain:,} parameters (d_model {args.d_model}, d_input {args.d_input}, synapse_depth '
+          f'{args.synapse_depth}, memory_length {args.memory_length}, memory_hidden_dims {args.memory_hidden_dims}, '
+          f'{"deep" if args.deep_memory else "shallow"} NLM)')
+    print(f'{"hyper_layers":>12} {"rank":>4} {"nlm_rank":>8} {"added":>11} {"seeds":>6}')
+    for (layers, rank, nlm_rank), approx in SEEDS_HYPER_PARAMS.items():
+        cfg = dataclasses.replace(base, hyper_layers=layers, hyper_rank=rank, use_hyper_nlm=nlm_rank > 0,
+                                  hyper_nlm_rank=max(nlm_rank, 1))
+        print(f'{layers:>12} {rank if layers != "none" else "-":>4} {nlm_rank or "-":>8} {count(cfg) - plain:>11,} '
+              f'{approx if seeds_example else "-":>6}')
+
+
+def ctm_lr(args, step):
+    """Linear warmup from 0, then (with --use_scheduler) cosine decay to 1e-7 at --training_iterations."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if not args.use_scheduler:
+        return args.lr
+    done = (step - args.warmup_steps) / max(args.training_iterations - args.warmup_steps, 1)
+    return 1e-7 + (args.lr - 1e-7) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def write_maze_pngs(args, step, images, predicted, targets, scale=8):
+    """A few held-out mazes with the predicted route drawn over them (orange; blue where it runs into a wall)."""
+    import plastic
+    solved = (predicted == targets).all(1)
+    order = np.argsort(~solved, kind='stable')[:args.n_pngs]
+    for k, i in enumerate(order):
+        picture = images[i].copy()
+        path = plastic.walk_route(images[i], predicted[i])
+        for y, x in path[1:]:
+            picture[y, x] = (255, 150, 0)
+        if len(path) - 1 < (predicted[i] != plastic.WAIT).sum():
+            picture[path[-1]] = (0, 90, 255)
+        big = np.repeat(np.repeat(picture, scale, 0), scale, 1)
+        write_png(os.path.join(args.log_dir, f'maze_step{step}_{k}_{"solved" if solved[i] else "unsolved"}.png'), big)
 
 
 def run_ctm(args):
-    raise SystemExit("train.py ctm: the CTM (issue 3, plastic.py) is not built yet")
+    import plastic
+    args = resolve_ctm_args(args)
+    device = pick_device(args.device)
+    gen = make_generator(args.seed)
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, device)
+    if args.count_params:
+        return print_ctm_param_counts(args, fields)
+    try:
+        cfg = ctm_config(args, fields)
+        params, buffers = plastic.init_ctm(cfg, gen)
+    except (ValueError, NotImplementedError) as e:
+        raise SystemExit(f'train.py ctm: {e}')
+    params, buffers = tree_to(params, device), tree_to(buffers, device)
+    leaves = tree_leaves(params)
+    for t in leaves:
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW(leaves, lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
+    path = checkpoint_path(args)
+    start = 0
+    if args.resume and os.path.exists(path):
+        try:
+            start = load_checkpoint(path, params, buffers, opt, args, must_match=CTM_MODEL_ARGS)['step']
+        except ValueError as e:
+            raise SystemExit(f'train.py ctm --resume: {e}')
+        print(f'resumed from {path} at step {start}')
+    print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
+          f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
+          + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
+             if args.ctm_task == 'mazes' else ''), flush=True)
+    autocast = lambda: torch.autocast('cuda', torch.bfloat16, enabled=args.use_amp and device.type == 'cuda')
+    workers = None
+    if args.num_workers_train > 0 and args.ctm_task == 'mazes':
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        workers = ProcessPoolExecutor(args.num_workers_train, mp_context=multiprocessing.get_context('spawn'))
+    ahead = {}
+
+    def next_batch(step):
+        if workers is None:
+            return train_batch(step)
+        for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
+            if s not in ahead:
+                ahead[s] = workers.submit(ctm_maze_batch, args.seed, s, args.batch_size, args.maze_size,
+                                          args.maze_route_length)
+        return ahead.pop(step).result()
+
+    def step_fn(step):
+        lr = ctm_lr(args, step)
+        for group in opt.param_groups:
+            group['lr'] = lr
+        x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in next_batch(step))
+        with autocast():
+            kv, new_buffers = plastic.ctm_features(params, buffers, x, cfg, train=True)
+            predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True)
+        loss, chosen = task_loss(predictions.float(), certainties.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(leaves, args.gradient_clipping)
+        opt.step()
+        with torch.no_grad():
+            for name in ('decay_params_action', 'decay_params_out'):
+                params[name].clamp_(0, 15)
+        buffers['backbone'] = new_buffers['backbone']
+        accuracy = (ctm_answer(predictions, chosen, cfg) == y).float().mean().item()
+        metrics = {'loss': loss.item(), 'acc': accuracy, 'lr': lr}
+        if device.type == 'cuda':
+            metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    def eval_fn(step):
+        answers, losses = [], []
+        with torch.no_grad(), autocast():
+            for i in range(0, len(test_x), args.batch_size_test):
+                x, y = test_x[i:i + args.batch_size_test].to(device), test_y[i:i + args.batch_size_test].to(device)
+                predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg)
+                loss, chosen = task_loss(predictions.float(), certainties.float(), y)
+                answers.append(ctm_answer(predictions, chosen, cfg).cpu())
+                losses.append(loss.item())
+        answers = torch.cat(answers)
+        correct = answers == test_y
+        metrics = {'loss': float(np.mean(losses)), 'step_acc': correct.float().mean().item()}
+        if args.ctm_task != 'images':
+            metrics['solve_rate'] = correct.flatten(1).all(1).float().mean().item()
+        if args.ctm_task == 'mazes' and args.n_pngs:
+            write_maze_pngs(args, step, test_images[0], answers.numpy(), test_y.numpy())
+        return metrics
+
+    def save_fn(step):
+        save_checkpoint(path, {'params': params, 'buffers': buffers, 'opt': opt.state_dict(), 'step': step,
+                               'args': vars(args)})
+
+    metrics_log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
+    try:
+        run_loop(args.training_iterations, start, step_fn, save_fn, args.log_every, args.save_every,
+                 args.track_every, eval_fn, metrics_log)
+    finally:
+        if workers is not None:
+            workers.shutdown(cancel_futures=True)
+
+
+def tree_to(tree, device):
+    if isinstance(tree, dict):
+        return {k: tree_to(v, device) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_to(v, device) for v in tree]
+    return tree.to(device)
+
+
+def ctm_answer(predictions, chosen, cfg):
+    """The class predicted at each example's most certain tick: (B,) for images, (B, steps) for mazes/parity."""
+    picked = predictions[torch.arange(len(chosen), device=chosen.device), :, chosen]  # (B, out_dims)
+    return picked.reshape(len(chosen), *cfg.prediction_reshaper).argmax(-1)
+
+
+def ctm_maze_batch(seed, step, n, size, route_length):
+    """Training batch `step` of the mazes task: a function of (seed, step) only, so resuming and worker processes
+    see the same mazes."""
+    import plastic
+    x, y, _ = plastic.maze_batch(np.random.default_rng([seed, 0, step]), n, size, route_length)
+    return x.numpy(), y.numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # lash: LASH layer-weighted transformer LM (lash.py)
 
+LASH_MODEL_ARGS = ('data', 'seq_len', 'dim', 'num_heads', 'ffn_dim')
+
+
+def add_lash_model_args(p, epochs):
+    """Model, data and optimiser flags shared by `lash` and `ashem`."""
+    p.add_argument('--data', default=None, help='UTF-8 text file (byte-level tokens); default: the built-in corpus, '
+                   "Python's own documentation topics (pydoc_data), which every CPython has")
+    p.add_argument('--seq_len', type=int, default=128)
+    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--dim', type=int, default=64)
+    p.add_argument('--num_heads', type=int, default=4)
+    p.add_argument('--ffn_dim', type=int, default=0, help='GLU hidden width; 0: 4 * dim')
+    p.add_argument('--lr', type=float, default=1e-3, help='base learning rate (AdamW)')
+    p.add_argument('--weight_decay', type=float, default=0.0)
+    p.add_argument('--max_epochs', type=int, default=epochs,
+                   help='an epoch is one pass over the training split; --training_iterations caps the steps')
+
+
 def add_lash_args(p):
-    add_common_args(p, 'runs/lash', 1000)
+    add_common_args(p, 'runs/lash', 600)
+    add_lash_model_args(p, 10)
+    p.add_argument('--num_layers', type=int, default=4)
+    p.add_argument('--layer_weights', default=None,
+                   help="loss weight per layer, e.g. 1:0,2:0,3:1 (every layer 1..num_layers); default: the last "
+                        "layer only; 'deep' = uniform deep supervision")
+    p.add_argument('--layer_lr_scales', default=None, help='lr scale per layer, e.g. 1:1,2:0.5 (missing: 1.0)')
+    p.add_argument('--routing_threshold', type=float, default=None,
+                   help='evaluate with early exit: a token leaves at --exit_layer when its max softmax prob >= this')
+    p.add_argument('--exit_layer', type=int, default=None,
+                   help='default: the lowest layer with a non-zero loss weight')
+    p.add_argument('--patience', type=int, default=1, help='early stopping: epochs without val improvement')
+
+
+def parse_layer_dict(text, flag):
+    try:
+        return {int(k): float(v) for k, v in (item.split(':') for item in text.split(','))}
+    except ValueError:
+        raise SystemExit(f"--{flag}: expected 'layer:value,...' such as 1:0,2:0,3:1, got {text!r}") from None
+
+
+def lash_setup(args):
+    """Device, byte tokens split train/val/test, eval batches on the device."""
+    import lash
+    device = pick_device(args.device)
+    if args.seq_len < 1 or args.batch_size < 1:
+        raise SystemExit(f"--seq_len/--batch_size: expected positive ints, got {args.seq_len}, {args.batch_size}")
+    try:
+        train_tokens, val_tokens, test_tokens = lash.split_corpus(lash.load_corpus(args.data))
+        to_device = lambda batches: [tuple(t.to(device) for t in b) for b in batches]
+        val = to_device(lash.batch_windows(lash.make_windows(val_tokens, args.seq_len), args.batch_size))
+        test = to_device(lash.batch_windows(lash.make_windows(test_tokens, args.seq_len), args.batch_size))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"--data: {e}") from None
+    print(f'data: {args.data or "built-in pydoc_data topics"}: {len(train_tokens)} train / {len(val_tokens)} val '
+          f'/ {len(test_tokens)} test bytes', flush=True)
+    return device, train_tokens, val, test, to_device
+
+
+def lash_model(args, num_layers, gen, device):
+    import lash
+    try:
+        cfg = lash.ModelConfig(dim=args.dim, num_layers=num_layers, num_heads=args.num_heads, ffn_dim=args.ffn_dim)
+    except ValueError as e:
+        raise SystemExit(f'--dim/--num_heads/--ffn_dim: {e}') from None
+    params = lash.map_tree(lambda t: t.to(device).requires_grad_(), lash.init_transformer(cfg, gen))
+    return cfg, params
+
+
+def lash_fit(args, stage, params, loss_fn, opt, train_batches, val_fn, max_epochs, patience, max_steps,
+             must_match):
+    """Run lash.train_with_early_stopping as a resumable stage: LOG_DIR/<stage>.pt holds params, optimizer and the
+    early-stopping state after every epoch, every --save_every steps and on Ctrl-C; a finished stage is skipped
+    on --resume."""
+    import lash
+    path = os.path.join(args.log_dir, f'{stage}.pt')
+    state = lash.new_training_state()
+    if args.resume and os.path.exists(path):
+        payload = load_checkpoint(path, params, opt=opt, args=args, must_match=must_match)
+        state = payload['state']
+        device = lash.tree_leaves(params)[0].device
+        state['best_params'] = [t.to(device) for t in state['best_params']]
+        print(f'{stage}: resumed at step {state["step"]}, epoch {state["epoch"]} from {path}', flush=True)
+        if payload.get('done'):
+            return state
+    log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
+    steps_per_epoch = len(train_batches(0))
+    progress = Progress(min(max_steps, max_epochs * steps_per_epoch), state['step'])
+
+    def save(done=False):
+        save_checkpoint(path, {'params': params, 'opt': opt.state_dict(), 'step': state['step'], 'state': state,
+                               'args': vars(args), 'done': done})
+
+    def on_step(state, loss):
+        log.write(stage=stage, step=state['step'], loss=loss)
+        if state['step'] % args.log_every == 0:
+            print(f'{stage} | ' + progress.line(state['step'], epoch=state['epoch'] + 1, loss=loss), flush=True)
+        if state['step'] % args.save_every == 0:
+            save()
+
+    def on_epoch(state, val_loss):
+        log.write(stage=stage, step=state['step'], epoch=state['epoch'], val_loss=val_loss)
+        print(f'{stage} | epoch {state["epoch"]} | step {state["step"]} | val_loss {val_loss:.4f} | '
+              f'best {state["best_loss"]:.4f} (epoch {state["best_epoch"]})'
+              + (' | early stop' if state['stopped'] else ''), flush=True)
+        save()
+
+    try:
+        lash.train_with_early_stopping(params, loss_fn, opt, train_batches, val_fn, max_epochs, patience,
+                                       max_steps, state, on_step, on_epoch)
+    except BaseException:
+        save()
+        print(f'{stage}: interrupted at step {state["step"]}: checkpoint saved, rerun with --resume to continue',
+              file=sys.stderr)
+        raise
+    save(done=True)
+    print(f'{stage}: done after {state["step"]} steps; best val_loss {state["best_loss"]:.4f} '
+          f'(epoch {state["best_epoch"]}) restored', flush=True)
+    return state
+
+
+def timed_evaluate(params, batches, config, cfg, hard_masks=None):
+    import lash
+    t0 = time.perf_counter()
+    stats = lash.evaluate(params, batches, config, cfg, hard_masks)
+    return dict(stats, seconds=time.perf_counter() - t0)
+
+
+def print_rows(rows, columns):
+    """rows: list of dicts -> aligned table of `columns` (floats with 4 significant digits)."""
+    cells = [[f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print('  '.join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(row, widths)), flush=True)
 
 
 def run_lash(args):
-    raise SystemExit("train.py lash: LASH (issue 5, lash.py) is not built yet")
+    import lash
+    device, train_tokens, val, test, to_device = lash_setup(args)
+    gen = make_generator(args.seed)
+    cfg, params = lash_model(args, args.num_layers, gen, device)
+    n = args.num_layers
+    if args.layer_weights == 'deep':
+        weights = lash.create_deep_supervision_config(n).layer_weights
+    else:
+        weights = parse_layer_dict(args.layer_weights, 'layer_weights') if args.layer_weights else None
+    scales = parse_layer_dict(args.layer_lr_scales, 'layer_lr_scales') if args.layer_lr_scales else None
+    try:
+        config = lash.TrainingConfig(weights or lash.create_standard_config(n).layer_weights, scales,
+                                     args.routing_threshold, args.exit_layer)
+        if config.num_layers != n:
+            raise ValueError(f'they name {config.num_layers} layers, --num_layers is {n}')
+    except ValueError as e:
+        raise SystemExit(f'--layer_weights/--layer_lr_scales/--routing_threshold/--exit_layer: {e}') from None
+    opt = lash.create_optimizer(params, config, args.lr, args.weight_decay)
+    print(f'LASH: {n} layers, dim {args.dim}; weights {config.layer_weights}; lr scales {config.layer_lr_scales}; '
+          f'{"fast path (head once)" if config.last_layer_only else "head after every weighted layer"}', flush=True)
+    full = lash.TrainingConfig(config.layer_weights, config.layer_lr_scales)
+    state = lash_fit(args, 'train', params, lambda p, b: lash.compute_loss(p, b, config, cfg), opt,
+                     lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,
+                                                                args.seed, epoch)),
+                     lambda p: lash.evaluate(p, val, full, cfg)['loss'], args.max_epochs, args.patience,
+                     args.training_iterations, LASH_MODEL_ARGS + ('num_layers', 'layer_weights', 'layer_lr_scales'))
+    rows = []
+    for split, batches in (('val', val), ('test', test)):
+        for mode, c in (('full', full), ('routed', config)) if config.routing_threshold else (('full', full),):
+            rows.append(dict(split=split, mode=mode, steps=state['step'], **timed_evaluate(params, batches, c, cfg)))
+    print(f'\nLASH results (exit layer {config.exit_layer}, threshold {config.routing_threshold}):')
+    print_rows(rows, ['split', 'mode', 'steps', 'loss', 'ppl', 'accuracy', 'exit_rate', 'exited_accuracy',
+                      'continued_accuracy', 'compute_cost', 'flop_cost', 'seconds'])
+    with open(os.path.join(args.log_dir, 'results.json'), 'w') as f:
+        json.dump({'argv': sys.argv, 'rows': rows}, f, indent=1)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # ashem: two-phase hard-example training (lash.py)
 
 def add_ashem_args(p):
-    add_common_args(p, 'runs/ashem', 1000)
+    add_common_args(p, 'runs/ashem', 300)
+    add_lash_model_args(p, 10)
+    p.add_argument('--phase1_layers', type=int, default=2)
+    p.add_argument('--phase2_layers', type=int, default=4)
+    p.add_argument('--hard_example_ratio', type=float, default=0.5,
+                   help='fraction of training tokens, the least confident after phase 1, that phase 2 trains on')
+    p.add_argument('--phase1_patience', type=int, default=1)
+    p.add_argument('--phase2_patience', type=int, default=3)
+    p.add_argument('--phase2_lr_scale', type=float, default=0.1, help='phase-2 lr = --lr times this (seed: 0.1)')
 
 
 def run_ashem(args):
-    raise SystemExit("train.py ashem: ASHEM (issue 6, lash.py) is not built yet")
+    """Phase 1, mining, phase 2, the two baselines (same total steps, all data), then the comparison on the test
+    split. Each training stage is its own checkpoint in LOG_DIR, so --resume continues where it stopped."""
+    import lash
+    device, train_tokens, val, test, to_device = lash_setup(args)
+    try:
+        acfg = lash.ASHEMConfig(args.phase1_layers, args.hard_example_ratio, args.phase2_layers,
+                                args.phase1_patience, args.phase2_patience, args.phase2_lr_scale)
+    except ValueError as e:
+        raise SystemExit(f'--phase1_layers/--phase2_layers/--hard_example_ratio/--*_patience: {e}') from None
+    p1, p2 = acfg.phase1_layers, acfg.phase2_layers
+    must_match = LASH_MODEL_ARGS + ('phase1_layers', 'phase2_layers', 'hard_example_ratio')
+    train_batches = lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,
+                                                               args.seed, epoch))
+
+    def fit_all_data(stage, num_layers, seed_offset, patience, max_steps):
+        cfg, params = lash_model(args, num_layers, make_generator(args.seed + seed_offset), device)
+        config = lash.create_standard_config(num_layers)
+        opt = lash.create_optimizer(params, config, args.lr, args.weight_decay)
+        state = lash_fit(args, stage, params, lambda p, b: lash.compute_loss(p, b, config, cfg), opt, train_batches,
+                         lambda p: lash.evaluate(p, val, config, cfg)['loss'], args.max_epochs, patience, max_steps,
+                         must_match)
+        return cfg, params, state
+
+    cfg1, params1, state1 = fit_all_data('phase1', p1, 0, acfg.phase1_patience, args.training_iterations)
+
+    windows = lash.make_windows(train_tokens, args.seq_len)  # fixed windows: a token's context decides its score
+    conf = torch.cat([c.cpu() for c in lash.token_confidence(params1, to_device(
+        lash.batch_windows(windows, args.batch_size)), cfg1, p1)])
+    hard, threshold = lash.mine_hard_examples(conf, acfg.hard_example_ratio)
+    print(f'mining: {int(hard.sum())} of {hard.numel()} training tokens are hard; routing threshold (max softmax '
+          f'prob after layer {p1}) {threshold:.4f}', flush=True)
+
+    params2, cfg2 = lash.grow_transformer(params1, cfg1, p2, make_generator(args.seed + 1))
+    params2 = lash.map_tree(lambda t: t.to(device), params2)
+    routed = lash.TrainingConfig({l: float(l == p2) for l in range(1, p2 + 1)}, routing_threshold=threshold,
+                                 exit_layer=p1)
+    opt2 = lash.create_optimizer(params2, routed, args.lr * acfg.phase2_lr_scale, args.weight_decay)
+    state2 = lash_fit(args, 'phase2', params2, lambda p, b: lash.ashem_loss(p, b, cfg2, p1), opt2,
+                      lambda epoch: to_device(lash.batch_windows(
+                          windows, args.batch_size, torch.Generator().manual_seed(args.seed * 100003 + epoch), ~hard)),
+                      lambda p: lash.evaluate(p, val, routed, cfg2)['loss'], args.max_epochs, acfg.phase2_patience,
+                      args.training_iterations, must_match)
+
+    budget = state1['step'] + state2['step']
+    print(f'baselines: {budget} steps each (phase 1 {state1["step"]} + phase 2 {state2["step"]}), all data, '
+          f'best val epoch restored', flush=True)
+    _, small, _ = fit_all_data('baseline_small', p1, 2, budget, budget)
+    _, large, _ = fit_all_data('baseline_large', p2, 3, budget, budget)
+
+    hard_test = [c < threshold for c in lash.token_confidence(params1, test, cfg1, p1)]
+    last_only = lambda L: lash.create_standard_config(L)
+    results = [(f'{p1}-layer baseline', budget, timed_evaluate(small, test, last_only(p1), cfg1, hard_test), p1),
+               (f'{p2}-layer baseline', budget, timed_evaluate(large, test, last_only(p2), cfg2, hard_test), p2),
+               (f'ASHEM phase 1 only ({p1} layers)', state1['step'],
+                timed_evaluate(params1, test, last_only(p1), cfg1, hard_test), p1),
+               (f'ASHEM two-stage ({p1}+{p2 - p1} layers)', budget,
+                timed_evaluate(params2, test, routed, cfg2, hard_test), p2)]
+    full_flops = results[1][2]['flops']
+    rows = [dict(model=name, steps=steps, ppl=s['ppl'], hard_ppl=s['hard_ppl'], easy_ppl=s['easy_ppl'],
+                 accuracy=s['accuracy'], deep_rate=1 - s['exit_rate'] if L == p2 else 0.0,
+                 compute_cost=s['token_layers'] / (s['tokens'] * p2), flop_cost=s['flops'] / full_flops,
+                 seconds=s['seconds']) for name, steps, s, L in results]
+    print(f'\nASHEM on the test split ({results[0][2]["tokens"]} tokens; hard = phase-1 confidence < '
+          f'{threshold:.4f}: {results[0][2]["hard_fraction"]:.1%} of them); compute cost = layers run / '
+          f'(tokens x {p2}), flop_cost = FLOPs / the {p2}-layer model\'s:')
+    print_rows(rows, ['model', 'steps', 'ppl', 'hard_ppl', 'easy_ppl', 'accuracy', 'deep_rate', 'compute_cost',
+                      'flop_cost', 'seconds'])
+    ashem, base1, phase1 = rows[3], rows[0], rows[2]
+    print(f'hard PPL: {ashem["hard_ppl"] / phase1["hard_ppl"] - 1:+.1%} vs phase 1 alone, '
+          f'{ashem["hard_ppl"] / base1["hard_ppl"] - 1:+.1%} vs the {p1}-layer baseline, '
+          f'{ashem["hard_ppl"] / rows[1]["hard_ppl"] - 1:+.1%} vs the {p2}-layer baseline; '
+          f'compute {ashem["compute_cost"] - 1:+.1%} (layers), {ashem["flop_cost"] - 1:+.1%} (FLOPs) vs the '
+          f'{p2}-layer model (seed, WikiText-2: hard PPL -78%, compute -36%)')
+    with open(os.path.join(args.log_dir, 'results.json'), 'w') as f:
+        json.dump({'argv': sys.argv, 'threshold': threshold, 'rows': rows}, f, indent=1)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # hpcm: HPCM + RWKV learned image codec (hpcm.py)
 
 def add_hpcm_args(p):
-    add_common_args(p, 'runs/hpcm', 1000)
+    add_common_args(p, 'runs/hpcm', 500)
+    p.add_argument('--phase', type=int, default=3, choices=(0, 1, 2, 3),
+                   help='0: HPCM baseline cells; 1: RWKV cell at s3; 2: at all scales; 3: plus RWKV context_net')
+    p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'),
+                   help='full: M=320, N=256 (the paper); small: M=N=32 for CPU runs; auto: full on CUDA, else small')
+    p.add_argument('--data', default=None, help='folder of png/ppm training images (default: generated images)')
+    p.add_argument('--eval_data', default=None, help='folder of held-out images (default: generated, other seed)')
+    p.add_argument('--eval', default=None, metavar='CKPT', help='only evaluate this checkpoint on --eval_data/--data')
+    p.add_argument('--quality', type=int, default=None, choices=range(1, 7),
+                   help='pick lambda from CompressAI\'s list (1..6); overrides --lmbda')
+    p.add_argument('--lmbda', type=float, default=0.0130, help='rate-distortion trade-off: λ·255²·MSE + bpp')
+    p.add_argument('--lr', type=float, default=1e-4)
+    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--patch_size', type=int, default=None, help='training crop side (default: 256 full, 64 small)')
+    p.add_argument('--clip_max_norm', type=float, default=1.0)
+    p.add_argument('--num_images', type=int, default=64, help='size of the generated training set')
+    p.add_argument('--eval_images', type=int, default=4, help='how many generated held-out images')
+    p.add_argument('--eval_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='size of generated held-out images (default: 256 256 full, 128 128 small)')
+    p.add_argument('--eval_every', type=int, default=250)
+    p.add_argument('--grad_checkpoint', action='store_true', help='gradient checkpointing in the RWKV fusion nets')
+
+
+def hpcm_config(args, hpcm):
+    if args.preset == 'full':
+        return hpcm.HPCMConfig(phase=args.phase, checkpoint=args.grad_checkpoint)
+    return hpcm.HPCMConfig.small(args.phase, checkpoint=args.grad_checkpoint)
+
+
+def hpcm_images(folder, what):
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.ppm', '.pgm')))
+    if not names:
+        raise SystemExit(f"{what} {folder}: no .png/.ppm/.pgm images in this folder")
+    return [read_image(os.path.join(folder, f)) for f in names], names
+
+
+def hpcm_tree_to(tree, device, requires_grad):
+    if isinstance(tree, dict):
+        return {k: hpcm_tree_to(v, device, requires_grad) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [hpcm_tree_to(v, device, requires_grad) for v in tree]
+    return tree.detach().to(device).requires_grad_(requires_grad)
+
+
+def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
+    """Estimated and real bpp, PSNR, encode/decode seconds per image; checks that decoding reproduces the encoder."""
+    rows = []
+    for img, name in zip(images, names):
+        x = (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255)[None].to(device)
+        with torch.no_grad(), hpcm.deterministic(device):  # the encoder's reconstruction, as compress sees it
+            x_hat, _, bpp = hpcm.hpcm_forward(params, x, cfg)
+        sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+        sync()
+        t0 = time.time()
+        data = hpcm.compress(params, x, cfg)
+        sync()
+        t1 = time.time()
+        decoded = hpcm.decompress(params, data, cfg)
+        sync()
+        t2 = time.time()
+        real_bpp = len(data) * 8 / (x.shape[2] * x.shape[3])
+        rows.append({'image': name, 'size': f'{x.shape[3]}x{x.shape[2]}', 'bpp_est': bpp.item(), 'bpp_real': real_bpp,
+                     'bytes': len(data), 'psnr': hpcm.psnr(x, decoded),
+                     'exact': bool(torch.equal(decoded, x_hat.clamp(0, 1))), 'enc_s': t1 - t0, 'dec_s': t2 - t1})
+        if png_dir is not None:
+            os.makedirs(png_dir, exist_ok=True)
+            out = (decoded[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+            write_png(os.path.join(png_dir, os.path.splitext(name)[0] + '.png'), out)
+    return rows
+
+
+def hpcm_print_table(rows):
+    keys = list(rows[0])
+    avg = {k: (sum(r[k] for r in rows) / len(rows) if isinstance(rows[0][k], float) else '') for k in keys}
+    avg.update(image='average', exact=all(r['exact'] for r in rows))
+    cells = [[f'{r[k]:.4f}' if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows + [avg]]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print('  '.join(k.rjust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(c, widths)), flush=True)
+    return avg
 
 
 def run_hpcm(args):
-    raise SystemExit("train.py hpcm: the HPCM codec (issue 8, hpcm.py) is not built yet")
+    import hpcm
+    if args.eval is not None:  # the model's shape comes from the checkpoint it was trained with
+        try:
+            saved = torch.load(args.eval, map_location='cpu', weights_only=False).get('args', {})
+        except Exception as e:
+            raise SystemExit(f"--eval {args.eval}: cannot read the checkpoint ({type(e).__name__}: {e})")
+        args.phase, args.preset = saved.get('phase', args.phase), saved.get('preset', args.preset)
+    device = pick_device(args.device)
+    if args.preset == 'auto':
+        args.preset = 'full' if device.type == 'cuda' else 'small'
+    if args.quality is not None:
+        args.lmbda = hpcm.LAMBDAS[args.quality - 1]
+    args.patch_size = args.patch_size or (256 if args.preset == 'full' else 64)
+    if args.patch_size % 64:
+        raise SystemExit(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
+    cfg = hpcm_config(args, hpcm)
+    gen = make_generator(args.seed)
+    params = hpcm_tree_to(hpcm.init_hpcm(cfg, gen), device, True)
+    eval_h, eval_w = args.eval_size or ((256, 256) if args.preset == 'full' else (128, 128))
+    if args.eval_data or (args.eval and args.data):
+        eval_images, eval_names = hpcm_images(args.eval_data or args.data, '--eval_data')
+    else:
+        eval_gen = make_generator(args.seed + 1_000_003)
+        eval_images = [(hpcm.synthetic_image(eval_gen, eval_h, eval_w).permute(1, 2, 0) * 255).round().byte().numpy()
+                       for _ in range(args.eval_images)]
+        eval_names = [f'generated_{i}.png' for i in range(args.eval_images)]
+    print(f'hpcm phase {cfg.phase} ({args.preset}: M={cfg.M} N={cfg.N}) on {device}, '
+          f'{sum(t.numel() for t in tree_leaves(params)):,} parameters, lambda {args.lmbda}', flush=True)
+    if args.eval is not None:
+        load_checkpoint(args.eval, params, args=args, must_match=('phase', 'preset'))
+        hpcm_print_table(hpcm_evaluate(hpcm, params, cfg, eval_images, eval_names, device,
+                                       os.path.join(args.log_dir, 'eval_png')))
+        return
+    if args.data:
+        train_images, _ = hpcm_images(args.data, '--data')
+    else:
+        side = max(args.patch_size * 2, 256)
+        train_images = [hpcm.synthetic_image(gen, side, side) for _ in range(args.num_images)]
+    opt = torch.optim.Adam(tree_leaves(params), lr=args.lr)
+    path = checkpoint_path(args)
+    start = 0
+    if args.resume and os.path.exists(path):
+        start = load_checkpoint(path, params, {}, opt, args, must_match=('phase', 'preset'))['step']
+        print(f'resumed from {path} at step {start}', flush=True)
+    log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
+
+    def step_fn(step):
+        x = hpcm.random_crops(train_images, args.patch_size, args.batch_size, gen).to(device)
+        x_hat, likelihoods, _ = hpcm.hpcm_forward(params, x, cfg, training=True)
+        out = hpcm.rate_distortion_loss(x, x_hat, likelihoods, args.lmbda)
+        opt.zero_grad(set_to_none=True)
+        out['loss'].backward()
+        if args.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(tree_leaves(params), args.clip_max_norm)
+        opt.step()
+        return {'loss': out['loss'].item(), 'bpp': out['bpp'].item(),
+                'psnr': 10 * math.log10(1 / max(out['mse'].item(), 1e-12))}
+
+    def eval_fn(step):
+        avg = hpcm_print_table(hpcm_evaluate(hpcm, params, cfg, eval_images, eval_names, device,
+                                             os.path.join(args.log_dir, f'recon_{step:06d}')))
+        return {k: v for k, v in avg.items() if isinstance(v, (float, bool))}
+
+    def save_fn(step):
+        save_checkpoint(path, {'params': params, 'buffers': {}, 'opt': opt.state_dict(), 'step': step,
+                               'args': vars(args)})
+    run_loop(args.training_iterations, start, step_fn, save_fn, args.log_every, args.save_every, args.eval_every,
+             eval_fn, log)
+    print(f'saved {path}', flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
