@@ -237,6 +237,103 @@ def run_wkv(args):
 BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s (issue 7)')
 
 
+# ctm (issue 9): training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
+# plain and plastic, at the batch sizes asked for; the model is exactly `train.py ctm --preset ...`'s.
+
+CTM_PATHS = {'eager': [], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
+             'eager+bf16': ['--use_amp']}
+CTM_CONFIGS = {'plain': [], 'bottleneck': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8'],
+               'bottleneck+nlm': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8',
+                                  '--use_hyper_nlm', '--hyper_nlm_rank', '4']}
+
+
+def add_ctm_args(p):
+    p.add_argument('--preset', default='mazes-small', help="train.py ctm's --preset (default the seeds' mazes-small)")
+    p.add_argument('--batch_sizes', type=int, nargs='+', default=[16, 64])
+    p.add_argument('--paths', nargs='+', choices=tuple(CTM_PATHS), default=['eager', 'cuda_graph', 'cuda_graph+bf16'])
+    p.add_argument('--configs', nargs='+', choices=tuple(CTM_CONFIGS), default=list(CTM_CONFIGS))
+    p.add_argument('--steps', type=int, default=10, help='timed steps after the 4 first (warm-up + capture) ones')
+    p.add_argument('--ctm_flags', default='', help='more train.py ctm flags, e.g. "--iterations 10"')
+    p.add_argument('--device', default='auto', help='cpu, cuda or auto')
+    p.add_argument('--out', help='JSON output (default bench_ctm.json)')
+
+
+def bench_ctm_one(argv, steps):
+    """One (path, config, batch): `first_s` covers the first 4 steps (with --cuda_graph: 3 eager warm-up steps and
+    the capture), then `steps` timed steps on one fixed batch; the same init and batch for every path."""
+    import shlex
+    import time
+
+    import torch
+
+    import plastic
+    import train
+    args = train.resolve_ctm_args(train.build_parser().parse_args(['ctm', *shlex.split(argv)]))
+    device = train.pick_device(args.device)
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    fields, batch, _, task_loss = train.ctm_task(args, device)
+    cfg = train.ctm_config(args, fields)
+    params, buffers = (train.tree_to(t, device) for t in plastic.init_ctm(cfg, train.make_generator(0)))
+    leaves = [t.requires_grad_(True) for t in train.tree_leaves(params)]
+    opt = torch.optim.AdamW(leaves, lr=args.lr, eps=1e-8)
+    train.ctm_optimizer_mode(opt, args.cuda_graph, device)
+    step = train.ctm_stepper(params, buffers, opt, cfg, task_loss, args)
+    x, y = (torch.as_tensor(t).to(device) for t in batch(0))
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    first_loss = step(x, y)[0].item()
+    for _ in range(3):
+        step(x, y)
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        metrics = step(x, y)
+    last_loss = metrics[0].item()
+    t2 = time.perf_counter()
+    ms = (t2 - t1) / steps * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
+    return dict(ms_per_step=ms, mazes_per_s=args.batch_size / ms * 1e3, first_s=t1 - t0, peak_gib=peak,
+                params=sum(t.numel() for t in leaves), loss_first=first_loss, loss_last=last_loss)
+
+
+def run_ctm(args):
+    """Every (batch, path, config) in turn; a failing one is reported in its row and the rest still run."""
+    import gc
+    rows = []
+    for batch_size in args.batch_sizes:
+        for path in args.paths:
+            for config in args.configs:
+                argv = ' '.join(['--preset', args.preset, '--batch_size', str(batch_size), '--n_test', '1',
+                                 '--device', args.device, *CTM_PATHS[path], *CTM_CONFIGS[config], args.ctm_flags])
+                row = dict(batch=batch_size, path=path, config=config)
+                try:
+                    row.update(bench_ctm_one(argv, args.steps))
+                except Exception as e:  # e.g. out of memory, or a capture the driver refuses
+                    row['error'] = f'{type(e).__name__}: {e}'[:200]
+                gc.collect()
+                base = next((r for r in rows if (r['batch'], r['path'], r['config']) == (batch_size, path, 'plain')),
+                            row)
+                if 'ms_per_step' in row and 'ms_per_step' in base:
+                    row['hyper_overhead_pct'] = 100 * (row['ms_per_step'] / base['ms_per_step'] - 1)
+                print(row, flush=True)
+                rows.append(row)
+    eager = {(r['batch'], r['config']): r.get('ms_per_step') for r in rows if r['path'] == 'eager'}
+    for r in rows:
+        if eager.get((r['batch'], r['config'])) and 'ms_per_step' in r:
+            r['speedup'] = eager[(r['batch'], r['config'])] / r['ms_per_step']
+    keys = ['batch', 'path', 'config', 'ms_per_step', 'speedup', 'hyper_overhead_pct', 'mazes_per_s', 'first_s',
+            'peak_gib', 'params', 'loss_first', 'loss_last', 'error']
+    return [{k: r.get(k, '') for k in keys} for r in rows]
+
+
+BENCHMARKS['ctm'] = (add_ctm_args, run_ctm, 'CTM training step: eager vs CUDA graph (fp32/bf16), plain and plastic, '
+                     'mazes-small (issue 9)')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest='bench', metavar='{' + ','.join(BENCHMARKS) + '}')

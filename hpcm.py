@@ -200,7 +200,10 @@ def _launch(kernel, blocks, threads, *args):
     import cupy
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), (cupy.cuda.Stream.from_external(stream)
+                                          if hasattr(cupy.cuda.Stream, 'from_external')
+                                          else cupy.cuda.ExternalStream(stream.cuda_stream)):
         kernel((blocks,), threads, raw)
 
 
@@ -844,7 +847,10 @@ def hpcm_context(p, cfg, hyper, code_step):
     hyper: h_s(z_hat), (B, 2M, H, W) = (scales, means). For each of the 11 steps it predicts (scales, means) on
     the step's grid and calls code_step(step, scale, scales, means, mask) -> that step's y_hat (zero outside mask),
     which becomes context for the later steps. Returns y_hat (B, M, H, W)."""
-    B, _, H, W = hyper.shape
+    B, C, H, W = hyper.shape
+    if C != 2 * cfg.M or H % 4 or W % 4:
+        raise ValueError(f"hpcm_context: hyper must be (B, 2M={2 * cfg.M}, H, W) with H, W multiples of 4 (s1 is "
+                         f"at /4), got {tuple(hyper.shape)}")
     hyper_s2 = per_half(subgrid, hyper, S2_OFFSETS)
     context_next = per_half(subgrid, hyper_s2, S1_OFFSETS)  # s1 starts from the hyperprior alone
     y_hat = hyper.new_zeros(B, cfg.M, H // 4, W // 4)

@@ -388,6 +388,8 @@ def add_ctm_args(p):
     g.add_argument('--weight_decay', type=float, default=0.0)
     g.add_argument('--gradient_clipping', type=float, default=-1, help='max gradient norm (-1: off)')
     g.add_argument('--use_amp', action='store_true', help='bfloat16 autocast on CUDA')
+    g.add_argument('--cuda_graph', action='store_true', help='capture the whole training step in a CUDA graph '
+                   'after 3 eager steps and replay it (same results, several times faster on a GPU; README)')
     g.add_argument('--num_workers_train', type=int, default=0, help='processes generating maze batches ahead')
     g.add_argument('--track_every', type=int, default=250, help='held-out evaluation every this many steps')
     g.add_argument('--n_test', type=int, default=512, help='held-out examples (generated once, own seed)')
@@ -421,8 +423,10 @@ def resolve_ctm_args(args):
     return args
 
 
-def ctm_task(args, device):
-    """-> (CTMConfig fields of the task, train_batch(step) -> (x, y), test set (x, y), loss(pred, cert, y))."""
+def ctm_task(args, device, rank=0):
+    """-> (CTMConfig fields of the task, train_batch(step) -> (x, y), test set (x, y), loss(pred, cert, y)).
+
+    train_batch(step) is data-parallel rank `rank`'s own batch, a function of (seed, step, rank)."""
     import plastic
     if args.ctm_task == 'mazes':
         route, size = args.maze_route_length, args.maze_size
@@ -431,7 +435,7 @@ def ctm_task(args, device):
         loss = lambda pred, cert, y: plastic.maze_loss(pred.reshape(pred.shape[0], route, 5, -1), cert, y,
                                                        args.cirriculum_lookahead)[:2]
         test = make(np.random.default_rng([args.seed, 1]), args.n_test)
-        batch = lambda step: ctm_maze_batch(args.seed, step, args.batch_size, size, route)
+        batch = lambda step: ctm_maze_batch(args.seed, step, args.batch_size, size, route, rank * args.batch_size)
         return fields, batch, test, loss
     if args.ctm_task == 'parity':
         n = args.parity_sequence_length
@@ -439,7 +443,8 @@ def ctm_task(args, device):
         loss = lambda pred, cert, y: plastic.parity_loss(pred.reshape(pred.shape[0], n, 2, -1), cert, y)
         test = plastic.parity_batch(make_generator(args.seed + 1), args.n_test, n)
         gen = torch.Generator().manual_seed(args.seed)
-        batch = lambda step: plastic.parity_batch(gen.manual_seed(args.seed * 1_000_003 + step), args.batch_size, n)
+        seed = lambda step: int(np.random.default_rng([args.seed, step, rank]).integers(2**62))
+        batch = lambda step: plastic.parity_batch(gen.manual_seed(seed(step)), args.batch_size, n)
         return fields, batch, test, loss
     if args.data_root and os.path.exists(os.path.join(args.data_root, 'data_batch_1')):
         (x, y), (tx, ty) = plastic.load_cifar10(args.data_root)
@@ -452,7 +457,7 @@ def ctm_task(args, device):
     fields = dict(out_dims=n_classes, prediction_reshaper=(-1,), in_channels=3)
 
     def batch(step):
-        idx = np.random.default_rng([args.seed, 0, step]).integers(0, len(x), args.batch_size)
+        idx = np.random.default_rng([args.seed, 0, step, rank]).integers(0, len(x), args.batch_size)
         return plastic.images_to_tensor(x[idx]), torch.from_numpy(y[idx])
     test = (plastic.images_to_tensor(tx[:args.n_test]), torch.from_numpy(ty[:args.n_test]))
     return fields, batch, test, plastic.classification_loss
@@ -528,11 +533,14 @@ def write_maze_pngs(args, step, images, predicted, targets, scale=8):
 def run_ctm(args):
     import plastic
     args = resolve_ctm_args(args)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    ctm_quiet_unless_rank0(rank)
+    if args.cuda_graph and device.type != 'cuda':
+        raise SystemExit('train.py ctm --cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
     gen = make_generator(args.seed)
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
-    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, device)
+    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, device, rank)
     if args.count_params:
         return print_ctm_param_counts(args, fields)
     try:
@@ -553,7 +561,11 @@ def run_ctm(args):
         except ValueError as e:
             raise SystemExit(f'train.py ctm --resume: {e}')
         print(f'resumed from {path} at step {start}')
+    ctm_optimizer_mode(opt, args.cuda_graph, device)
+    train_step = ctm_stepper(params, buffers, opt, cfg, task_loss, args, world)
     print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
+          + (f'{world} ranks x batch {args.batch_size} | ' if world > 1 else '')
+          + f'{"CUDA graph | " if args.cuda_graph else ""}'
           f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
           + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
              if args.ctm_task == 'mazes' else ''), flush=True)
@@ -571,29 +583,15 @@ def run_ctm(args):
         for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
             if s not in ahead:
                 ahead[s] = workers.submit(ctm_maze_batch, args.seed, s, args.batch_size, args.maze_size,
-                                          args.maze_route_length)
+                                          args.maze_route_length, rank * args.batch_size)
         return ahead.pop(step).result()
 
     def step_fn(step):
         lr = ctm_lr(args, step)
-        for group in opt.param_groups:
-            group['lr'] = lr
+        set_lr(opt, lr)
         x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in next_batch(step))
-        with autocast():
-            kv, new_buffers = plastic.ctm_features(params, buffers, x, cfg, train=True)
-            predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True)
-        loss, chosen = task_loss(predictions.float(), certainties.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(leaves, args.gradient_clipping)
-        opt.step()
-        with torch.no_grad():
-            for name in ('decay_params_action', 'decay_params_out'):
-                params[name].clamp_(0, 15)
-        buffers['backbone'] = new_buffers['backbone']
-        accuracy = (ctm_answer(predictions, chosen, cfg) == y).float().mean().item()
-        metrics = {'loss': loss.item(), 'acc': accuracy, 'lr': lr}
+        loss, accuracy = train_step(x, y).tolist()
+        metrics = {'loss': loss, 'acc': accuracy, 'lr': lr}
         if device.type == 'cuda':
             metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
@@ -622,11 +620,14 @@ def run_ctm(args):
 
     metrics_log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
     try:
-        run_loop(args.training_iterations, start, step_fn, save_fn, args.log_every, args.save_every,
-                 args.track_every, eval_fn, metrics_log)
+        lead = rank == 0  # the other ranks only train
+        run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
+                 args.save_every, args.track_every if lead else 0, eval_fn, metrics_log if lead else None)
     finally:
         if workers is not None:
             workers.shutdown(cancel_futures=True)
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 def tree_to(tree, device):
@@ -643,12 +644,118 @@ def ctm_answer(predictions, chosen, cfg):
     return picked.reshape(len(chosen), *cfg.prediction_reshaper).argmax(-1)
 
 
-def ctm_maze_batch(seed, step, n, size, route_length):
-    """Training batch `step` of the mazes task: a function of (seed, step) only, so resuming and worker processes
-    see the same mazes."""
+def ctm_maze_batch(seed, step, n, size, route_length, first=0):
+    """Mazes first .. first+n-1 of training step `step`, maze i drawn from its own generator seeded (seed, step, i).
+
+    The step's global batch is then one well-defined sequence of mazes whatever reads it: resuming, worker
+    processes, and N data-parallel ranks (rank r of batch size B takes mazes r·B .. r·B+B-1), so N ranks at batch B
+    train on exactly the mazes of one process at batch N·B, and a run can resume with another N."""
     import plastic
-    x, y, _ = plastic.maze_batch(np.random.default_rng([seed, 0, step]), n, size, route_length)
-    return x.numpy(), y.numpy()
+    xs, ys = zip(*(plastic.maze_batch(np.random.default_rng([seed, 0, step, i]), 1, size, route_length)[:2]
+                   for i in range(first, first + n)))
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+# ctm fast path (issue 9): at the seeds' mazes-small size one eager training step issues tens of thousands of small
+# kernels (50 ticks x ~15 U-Net Linears, norms, NLM einsums, synchronisation, forward and backward), so the GPU
+# waits on Python and launches. ctm_train_step is the whole step as one host-sync-free function; cuda_graph_step
+# captures it once in a CUDA graph and replays it, one launch per step. The eager path runs the same function.
+
+
+def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1):
+    """One training step in place -> tensor [loss, accuracy] (averaged over ranks): forward over all ticks, task
+    loss, backward, gradients all-reduced over `world` ranks, optional clipping, optimizer step, decay_params
+    projected back into [0, 15] (the original's in-place clamp), batch-norm running statistics copied into
+    `buffers` in place (a captured graph keeps reading the same tensors). Nothing here waits for the GPU."""
+    import plastic
+    leaves = [p for group in opt.param_groups for p in group['params']]
+    # cache_enabled=False: autocast's weight-cast cache would hold tensors across a CUDA graph's capture
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=use_amp and x.device.type == 'cuda',
+                        cache_enabled=False):
+        kv, new_buffers = plastic.ctm_features(params, buffers, x, cfg, train=True)
+        predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True)
+    loss, chosen = task_loss(predictions.float(), certainties.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_grads(leaves, world)
+    if gradient_clipping > 0:
+        torch.nn.utils.clip_grad_norm_(leaves, gradient_clipping)
+    opt.step()
+    with torch.no_grad():
+        for name in ('decay_params_action', 'decay_params_out'):
+            params[name].clamp_(0, 15)
+        for old, new in zip(tree_leaves(buffers['backbone']), tree_leaves(new_buffers['backbone'])):
+            old.copy_(new)
+        metrics = torch.stack([loss.detach(), (ctm_answer(predictions, chosen, cfg) == y).float().mean()])
+        if world > 1:
+            torch.distributed.all_reduce(metrics)
+            metrics /= world
+    return metrics
+
+
+def cuda_graph_step(step_fn, warmup=3):
+    """step_fn(*inputs) -> tensor, replayed from a CUDA graph: the first `warmup` calls run it eagerly on a side
+    stream (real steps; they let autograd, cuBLAS, NCCL and the optimizer create their lazy state), the next call
+    captures it and every call from then on copies its inputs into the graph's static input tensors and replays.
+    step_fn must keep its shapes and never wait for the host. The returned tensor is the graph's static output:
+    read it before the next call."""
+    graph, static_inputs, static_output, calls = None, None, None, 0
+
+    def step(*inputs):
+        nonlocal graph, static_inputs, static_output, calls
+        if graph is None and calls < warmup:
+            calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = step_fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return output
+        if graph is None:
+            static_inputs = [t.clone() for t in inputs]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = step_fn(*static_inputs)
+        else:
+            for static, t in zip(static_inputs, inputs):
+                static.copy_(t)
+        graph.replay()  # capturing records without running: the capturing call's step runs here too
+        return static_output
+    return step
+
+
+def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
+    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step, replayed from a CUDA graph with --cuda_graph."""
+    def step(x, y):
+        return ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, args.use_amp, args.gradient_clipping, world)
+    return cuda_graph_step(step) if args.cuda_graph else step
+
+
+def ctm_optimizer_mode(opt, cuda_graph, device):
+    """Make AdamW capturable for --cuda_graph (step counters on the GPU, the learning rate a GPU tensor that
+    set_lr fills in place, so the replayed graph reads the current value), or plain; also after loading a
+    checkpoint, whose param groups carry the saving run's mode."""
+    for group in opt.param_groups:
+        group['capturable'] = cuda_graph
+        lr = float(group['lr'])
+        group['lr'] = torch.tensor(lr, device=device) if cuda_graph else lr
+    for state in opt.state.values():
+        if 'step' in state:
+            state['step'] = state['step'].to(device if cuda_graph else 'cpu', torch.float32)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if isinstance(group['lr'], torch.Tensor):
+            group['lr'].fill_(lr)
+        else:
+            group['lr'] = lr
+
+
+def ctm_quiet_unless_rank0(rank):
+    """Data-parallel ranks other than 0 print nothing (rank 0 logs, evaluates and checkpoints for all)."""
+    if rank != 0:
+        sys.stdout = open(os.devnull, 'w')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -823,7 +930,7 @@ def run_lash(args):
             rows.append(dict(split=split, mode=mode, steps=state['step'], **timed_evaluate(params, batches, c, cfg)))
     print(f'\nLASH results (exit layer {config.exit_layer}, threshold {config.routing_threshold}):')
     print_rows(rows, ['split', 'mode', 'steps', 'loss', 'ppl', 'accuracy', 'exit_rate', 'exited_accuracy',
-                      'continued_accuracy', 'compute_cost', 'flop_cost', 'seconds'])
+                      'continued_accuracy', 'compute_cost', 'padded_cost', 'flop_cost', 'seconds'])
     with open(os.path.join(args.log_dir, 'results.json'), 'w') as f:
         json.dump({'argv': sys.argv, 'rows': rows}, f, indent=1)
     return rows
@@ -841,7 +948,8 @@ def add_ashem_args(p):
                    help='fraction of training tokens, the least confident after phase 1, that phase 2 trains on')
     p.add_argument('--phase1_patience', type=int, default=1)
     p.add_argument('--phase2_patience', type=int, default=3)
-    p.add_argument('--phase2_lr_scale', type=float, default=0.1, help='phase-2 lr = --lr times this (seed: 0.1)')
+    p.add_argument('--phase2_lr_scale', type=float, default=1.0,
+                   help='phase-2 lr = --lr times this (the seed used 0.1 with a much longer phase 2; see README)')
 
 
 def run_ashem(args):
@@ -859,16 +967,17 @@ def run_ashem(args):
     train_batches = lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,
                                                                args.seed, epoch))
 
-    def fit_all_data(stage, num_layers, seed_offset, patience, max_steps):
+    def fit_all_data(stage, num_layers, seed_offset, patience, max_steps, max_epochs):
         cfg, params = lash_model(args, num_layers, make_generator(args.seed + seed_offset), device)
         config = lash.create_standard_config(num_layers)
         opt = lash.create_optimizer(params, config, args.lr, args.weight_decay)
         state = lash_fit(args, stage, params, lambda p, b: lash.compute_loss(p, b, config, cfg), opt, train_batches,
-                         lambda p: lash.evaluate(p, val, config, cfg)['loss'], args.max_epochs, patience, max_steps,
+                         lambda p: lash.evaluate(p, val, config, cfg)['loss'], max_epochs, patience, max_steps,
                          must_match)
         return cfg, params, state
 
-    cfg1, params1, state1 = fit_all_data('phase1', p1, 0, acfg.phase1_patience, args.training_iterations)
+    cfg1, params1, state1 = fit_all_data('phase1', p1, 0, acfg.phase1_patience, args.training_iterations,
+                                         args.max_epochs)
 
     windows = lash.make_windows(train_tokens, args.seq_len)  # fixed windows: a token's context decides its score
     conf = torch.cat([c.cpu() for c in lash.token_confidence(params1, to_device(
@@ -878,7 +987,6 @@ def run_ashem(args):
           f'prob after layer {p1}) {threshold:.4f}', flush=True)
 
     params2, cfg2 = lash.grow_transformer(params1, cfg1, p2, make_generator(args.seed + 1))
-    params2 = lash.map_tree(lambda t: t.to(device), params2)
     routed = lash.TrainingConfig({l: float(l == p2) for l in range(1, p2 + 1)}, routing_threshold=threshold,
                                  exit_layer=p1)
     opt2 = lash.create_optimizer(params2, routed, args.lr * acfg.phase2_lr_scale, args.weight_decay)
@@ -889,15 +997,17 @@ def run_ashem(args):
                       args.training_iterations, must_match)
 
     budget = state1['step'] + state2['step']
-    print(f'baselines: {budget} steps each (phase 1 {state1["step"]} + phase 2 {state2["step"]}), all data, '
-          f'best val epoch restored', flush=True)
-    _, small, _ = fit_all_data('baseline_small', p1, 2, budget, budget)
-    _, large, _ = fit_all_data('baseline_large', p2, 3, budget, budget)
+    print(f'baselines: {budget} steps each (phase 1 {state1["step"]} + phase 2 {state2["step"]}), all data, no '
+          f'early stop, best val epoch restored', flush=True)
+    _, small, state_small = fit_all_data('baseline_small', p1, 2, budget, budget, budget)
+    _, large, state_large = fit_all_data('baseline_large', p2, 3, budget, budget, budget)
 
     hard_test = [c < threshold for c in lash.token_confidence(params1, test, cfg1, p1)]
     last_only = lambda L: lash.create_standard_config(L)
-    results = [(f'{p1}-layer baseline', budget, timed_evaluate(small, test, last_only(p1), cfg1, hard_test), p1),
-               (f'{p2}-layer baseline', budget, timed_evaluate(large, test, last_only(p2), cfg2, hard_test), p2),
+    results = [(f'{p1}-layer baseline', state_small['step'],
+                timed_evaluate(small, test, last_only(p1), cfg1, hard_test), p1),
+               (f'{p2}-layer baseline', state_large['step'],
+                timed_evaluate(large, test, last_only(p2), cfg2, hard_test), p2),
                (f'ASHEM phase 1 only ({p1} layers)', state1['step'],
                 timed_evaluate(params1, test, last_only(p1), cfg1, hard_test), p1),
                (f'ASHEM two-stage ({p1}+{p2 - p1} layers)', budget,
@@ -905,13 +1015,14 @@ def run_ashem(args):
     full_flops = results[1][2]['flops']
     rows = [dict(model=name, steps=steps, ppl=s['ppl'], hard_ppl=s['hard_ppl'], easy_ppl=s['easy_ppl'],
                  accuracy=s['accuracy'], deep_rate=1 - s['exit_rate'] if L == p2 else 0.0,
-                 compute_cost=s['token_layers'] / (s['tokens'] * p2), flop_cost=s['flops'] / full_flops,
+                 compute_cost=s['token_layers'] / (s['tokens'] * p2), padded_cost=s['padded_cost'] * L / p2,
+                 flop_cost=s['flops'] / full_flops,
                  seconds=s['seconds']) for name, steps, s, L in results]
     print(f'\nASHEM on the test split ({results[0][2]["tokens"]} tokens; hard = phase-1 confidence < '
           f'{threshold:.4f}: {results[0][2]["hard_fraction"]:.1%} of them); compute cost = layers run / '
           f'(tokens x {p2}), flop_cost = FLOPs / the {p2}-layer model\'s:')
     print_rows(rows, ['model', 'steps', 'ppl', 'hard_ppl', 'easy_ppl', 'accuracy', 'deep_rate', 'compute_cost',
-                      'flop_cost', 'seconds'])
+                      'padded_cost', 'flop_cost', 'seconds'])
     ashem, base1, phase1 = rows[3], rows[0], rows[2]
     print(f'hard PPL: {ashem["hard_ppl"] / phase1["hard_ppl"] - 1:+.1%} vs phase 1 alone, '
           f'{ashem["hard_ppl"] / base1["hard_ppl"] - 1:+.1%} vs the {p1}-layer baseline, '
@@ -927,7 +1038,7 @@ def run_ashem(args):
 # hpcm: HPCM + RWKV learned image codec (hpcm.py)
 
 def add_hpcm_args(p):
-    add_common_args(p, 'runs/hpcm', 500)
+    add_common_args(p, 'runs/hpcm', 200)
     p.add_argument('--phase', type=int, default=3, choices=(0, 1, 2, 3),
                    help='0: HPCM baseline cells; 1: RWKV cell at s3; 2: at all scales; 3: plus RWKV context_net')
     p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'),
@@ -939,14 +1050,14 @@ def add_hpcm_args(p):
                    help='pick lambda from CompressAI\'s list (1..6); overrides --lmbda')
     p.add_argument('--lmbda', type=float, default=0.0130, help='rate-distortion trade-off: λ·255²·MSE + bpp')
     p.add_argument('--lr', type=float, default=1e-4)
-    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--batch_size', type=int, default=None, help='default: 8 full, 4 small')
     p.add_argument('--patch_size', type=int, default=None, help='training crop side (default: 256 full, 64 small)')
     p.add_argument('--clip_max_norm', type=float, default=1.0)
     p.add_argument('--num_images', type=int, default=64, help='size of the generated training set')
     p.add_argument('--eval_images', type=int, default=4, help='how many generated held-out images')
     p.add_argument('--eval_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='size of generated held-out images (default: 256 256 full, 128 128 small)')
-    p.add_argument('--eval_every', type=int, default=250)
+    p.add_argument('--eval_every', type=int, default=100)
     p.add_argument('--grad_checkpoint', action='store_true', help='gradient checkpointing in the RWKV fusion nets')
 
 
@@ -957,6 +1068,8 @@ def hpcm_config(args, hpcm):
 
 
 def hpcm_images(folder, what):
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{what} {folder}: not a folder")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.ppm', '.pgm')))
     if not names:
         raise SystemExit(f"{what} {folder}: no .png/.ppm/.pgm images in this folder")
@@ -1024,6 +1137,7 @@ def run_hpcm(args):
     if args.quality is not None:
         args.lmbda = hpcm.LAMBDAS[args.quality - 1]
     args.patch_size = args.patch_size or (256 if args.preset == 'full' else 64)
+    args.batch_size = args.batch_size or (8 if args.preset == 'full' else 4)
     if args.patch_size % 64:
         raise SystemExit(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
     cfg = hpcm_config(args, hpcm)

@@ -58,10 +58,8 @@ template <typename F> __device__ __forceinline__ St<F> merge(St<F> x, F dx, St<F
     return {keep ? x.r : y.r, keep ? nx : y.n, x.a * e1 + y.a * e2, x.b * e1 + y.b * e2};
 }
 
-// add one token; a token past the end (on = false) adds nothing and no decay. Branch-free, so that the unrolled
-// sweeps stay one basic block and independent chains interleave.
-template <typename F> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb, bool on) {
-    s = merge(s, on ? F(1) : F(0), on ? St<F>{key, F(0), va, vb} : empty<F>(), w);
+template <typename F> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb) {
+    s = merge(s, F(1), St<F>{key, F(0), va, vb}, w);
 }
 
 struct Tile {
@@ -147,25 +145,11 @@ __device__ __forceinline__ void summaries(const F *key, const F *va, const F *vb
     fw = empty<F>();
     rv = empty<F>();
 #pragma unroll
-    for (int i = 0; i < LT; ++i) {
-        const int r = LT - 1 - i;
-        push(fw, w, key[i], va[i], vb[i], i < len);
-        push(rv, w, key[r], va[r], vb[r], r < len);
-    }
-}
-
-// exclusive states at every token: from the left into (am, aa, ab), from the right into (cm, ca, cb)
-template <typename F>
-__device__ __forceinline__ void sweep_both(St<F> A, St<F> Cs, const F *kk, const F *vv, int len, F w, F *am, F *aa,
-                                           F *ab, F *cm, F *ca, F *cb) {
+    for (int p = 0; p < LT; ++p)
+        if (p < len) push(fw, w, key[p], va[p], vb[p]);
 #pragma unroll
-    for (int i = 0; i < LT; ++i) {
-        const int r = LT - 1 - i;
-        am[i] = expo(A, w); aa[i] = A.a; ab[i] = A.b;
-        cm[r] = expo(Cs, w); ca[r] = Cs.a; cb[r] = Cs.b;
-        push(A, w, kk[i], vv[i], F(1), i < len);
-        push(Cs, w, kk[r], vv[r], F(1), r < len);
-    }
+    for (int p = LT - 1; p >= 0; --p)
+        if (p < len) push(rv, w, key[p], va[p], vb[p]);
 }
 
 // Summarise this thread's tokens and scan the summaries across the block. With `carries` (the chunk's incoming
@@ -216,14 +200,23 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
     St<F> fw, rv;
     chunk_scan(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, fw, rv);
     if (!APPLY) return;
-    F am[LT], aa[LT], ab[LT], cm[LT], ca[LT], cb[LT];
-    sweep_both(fw, rv, kk, vv, q.len, w, am, aa, ab, cm, ca, cb);
+    F cm[LT], ca[LT], cb[LT];
+    St<F> st = rv;
 #pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        F y, vy, logz;
-        output(am[p], aa[p], ab[p], cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy, logz);
-        if (q.live && p < q.len) y_[q.off + (long long)p * C] = y;
-    }
+    for (int p = LT - 1; p >= 0; --p)
+        if (p < q.len) {
+            cm[p] = expo(st, w); ca[p] = st.a; cb[p] = st.b;
+            push(st, w, kk[p], vv[p], F(1));
+        }
+    st = fw;
+#pragma unroll
+    for (int p = 0; p < LT; ++p)
+        if (p < q.len) {
+            F y, vy, logz;
+            output(expo(st, w), st.a, st.b, cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy, logz);
+            if (q.live) y_[q.off + (long long)p * C] = y;
+            push(st, w, kk[p], vv[p], F(1));
+        }
 }
 
 template <typename F>
@@ -272,44 +265,56 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
     chunk_scan(kk, vv, one, q, w, T, C, S, (F *)nullptr, fw, rv);
     // the forward pass again: A from the left per token, then C from the right with kappa = -log Z, gy y, v - y
     F am[LT], aa[LT], ab[LT], cm[LT], ca[LT], cb[LT], ka[LT], gyy[LT], vy[LT];
-    sweep_both(fw, rv, kk, vv, q.len, w, am, aa, ab, cm, ca, cb);
+    St<F> st = fw;
 #pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        F y, logz;
-        output(am[p], aa[p], ab[p], cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy[p], logz);
-        ka[p] = -logz;
-        gyy[p] = gg[p] * y;  // gg is 0 past the end
+    for (int p = 0; p < LT; ++p)
+        if (p < q.len) {
+            am[p] = expo(st, w); aa[p] = st.a; ab[p] = st.b;
+            push(st, w, kk[p], vv[p], F(1));
+        }
+    st = rv;
+#pragma unroll
+    for (int p = LT - 1; p >= 0; --p) {
+        ka[p] = F(0); gyy[p] = F(0); vy[p] = F(0);
+        if (p < q.len) {
+            cm[p] = expo(st, w); ca[p] = st.a; cb[p] = st.b;
+            F y, logz;
+            output(am[p], aa[p], ab[p], cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy[p], logz);
+            ka[p] = -logz;
+            gyy[p] = gg[p] * y;
+            push(st, w, kk[p], vv[p], F(1));
+        }
     }
     chunk_scan(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, fw, rv);
     if (!APPLY) return;
     // reverse gradient scan G>: the A/B half of gw, the right-hand part of gk, gv (kept in aa, ab) and gu
     F gw = 0, gu = 0;
-    St<F> st = rv;
+    st = rv;
 #pragma unroll
-    for (int p = LT - 1; p >= 0; --p) {
-        const bool on = p < q.len;
-        F mg = expo(st, w);
-        gw += on ? ex(am[p] + mg - w) * (aa[p] * st.a - ab[p] * st.b) : F(0);
-        F ek = ex(kk[p] + mg), eb = ex(u + kk[p] + ka[p]) * gg[p];
-        gu += eb * vy[p];
-        aa[p] = ek * (vv[p] * st.a - st.b) + eb * vy[p];
-        ab[p] = ek * st.a + eb;
-        push(st, w, ka[p], gg[p], gyy[p], on);
-    }
+    for (int p = LT - 1; p >= 0; --p)
+        if (p < q.len) {
+            F mg = expo(st, w);
+            gw += ex(am[p] + mg - w) * (aa[p] * st.a - ab[p] * st.b);
+            F ek = ex(kk[p] + mg), eb = ex(u + kk[p] + ka[p]) * gg[p];
+            gu += eb * vy[p];
+            aa[p] = ek * (vv[p] * st.a - st.b) + eb * vy[p];
+            ab[p] = ek * st.a + eb;
+            push(st, w, ka[p], gg[p], gyy[p]);
+        }
     // forward gradient scan G<: the C/D half of gw, and the outputs
     st = fw;
 #pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        const bool on = p < q.len;
-        F mg = expo(st, w);
-        gw += on ? ex(cm[p] + mg - w) * (ca[p] * st.a - cb[p] * st.b) : F(0);
-        F ek = ex(kk[p] + mg);
-        if (q.live && on) {
-            gk_[q.off + (long long)p * C] = aa[p] + ek * (vv[p] * st.a - st.b);
-            gv_[q.off + (long long)p * C] = ab[p] + ek * st.a;
+    for (int p = 0; p < LT; ++p)
+        if (p < q.len) {
+            F mg = expo(st, w);
+            gw += ex(cm[p] + mg - w) * (ca[p] * st.a - cb[p] * st.b);
+            F ek = ex(kk[p] + mg);
+            if (q.live) {
+                gk_[q.off + (long long)p * C] = aa[p] + ek * (vv[p] * st.a - st.b);
+                gv_[q.off + (long long)p * C] = ab[p] + ek * st.a;
+            }
+            push(st, w, ka[p], gg[p], gyy[p]);
         }
-        push(st, w, ka[p], gg[p], gyy[p], on);
-    }
     __shared__ F red[2][NS][CW];
     red[0][q.s][threadIdx.x] = gw;
     red[1][q.s][threadIdx.x] = gu;
