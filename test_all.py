@@ -823,6 +823,18 @@ def test_lash_rms_norm_matches_formula(shape, dim, seed):
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
+@given(dim=st.integers(1, 6), hidden=st.integers(1, 6), seed=st.integers(0, 99))
+def test_lash_glu_matches_formula(dim, hidden, seed):
+    gen = np.random.default_rng(seed)
+    x, wg, wu, wd = gen.normal(size=dim), gen.normal(size=(hidden, dim)), gen.normal(size=(hidden, dim)), \
+        gen.normal(size=(dim, hidden))
+    silu = lambda a: a / (1 + np.exp(-a))
+    ref = [sum(wd[o, j] * silu(wg[j] @ x) * (wu[j] @ x) for j in range(hidden)) for o in range(dim)]
+    p = {'w_gate': {'weight': torch.tensor(wg)}, 'w_up': {'weight': torch.tensor(wu)},
+         'w_down': {'weight': torch.tensor(wd)}}
+    np.testing.assert_allclose(lash.glu(p, torch.tensor(x)).numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
 @given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(-200, 200), half=st.integers(1, 6),
        seed=st.integers(0, 99))
 def test_lash_rope_relative_position(m, n, shift, half, seed):
