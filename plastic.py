@@ -133,13 +133,20 @@ def init_attention(gen, d, heads):
     return {'in_w': uniform(gen, (3 * d, d), math.sqrt(6 / (d + 3 * d))), 'in_b': torch.zeros(3 * d), 'out': out}
 
 
-def attention(p, q, kv, heads, rate=0.0, train=False):
-    """Multi-head attention, query (B, Lq, d) over keys = values = kv (B, S, d) -> (B, Lq, d)."""
-    wq, wk, wv = p['in_w'].chunk(3)
-    bq, bk, bv = p['in_b'].chunk(3)
-    split = lambda t: rearrange(t, 'b l (h e) -> b h l e', h=heads)
-    out = F.scaled_dot_product_attention(split(F.linear(q, wq, bq)), split(F.linear(kv, wk, bk)),
-                                         split(F.linear(kv, wv, bv)), dropout_p=rate if train else 0.0)
+def attention_keys_values(p, kv, heads):
+    """kv (B, S, d) -> keys, values (B, heads, S, d / heads). The CTM's features are fixed over its ticks, so it
+    projects them once per input rather than once per tick (the original re-projects them every tick)."""
+    d = kv.shape[-1]
+    keys, values = F.linear(kv, p['in_w'][d:], p['in_b'][d:]).chunk(2, dim=-1)
+    split = lambda t: rearrange(t, 'b s (h e) -> b h s e', h=heads)
+    return split(keys), split(values)
+
+
+def attention(p, q, keys_values, heads, rate=0.0, train=False):
+    """Multi-head attention of a query (B, Lq, d) over attention_keys_values' (keys, values) -> (B, Lq, d)."""
+    d = q.shape[-1]
+    query = rearrange(F.linear(q, p['in_w'][:d], p['in_b'][:d]), 'b l (h e) -> b h l e', h=heads)
+    out = F.scaled_dot_product_attention(query, *keys_values, dropout_p=rate if train else 0.0)
     return linear(p['out'], rearrange(out, 'b h l e -> b l (h e)'))
 
 
@@ -610,12 +617,13 @@ def ctm_think(params, buffers, kv, cfg, train=False):
                                                                                   buffers['out_right'])
     _, alpha_out, beta_out = synchronisation(activated_state, None, None, r_out, *pairs_out)
     alpha_action = beta_action = None
+    keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
     predictions, certainties = [], []
     for _ in range(cfg.iterations):
         sync_action, alpha_action, beta_action = synchronisation(activated_state, alpha_action, beta_action,
                                                                  r_action, *pairs_action)
         q = linear(params['q_proj'], sync_action)[:, None]  # (B, 1, d_input)
-        attn_out = attention(params['attention'], q, kv, cfg.heads, cfg.dropout, train)[:, 0]
+        attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
         pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)  # (B, d_input + D)
         state = synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train)  # (B, D)
         trace = torch.cat([trace[..., 1:], state[..., None]], dim=-1)

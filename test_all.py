@@ -283,7 +283,8 @@ def test_ctm_attention_matches_torch_multihead_attention():
         p['in_b'] = mha.in_proj_bias.detach().clone()
         mha.out_proj.weight.copy_(p['out']['w']), mha.out_proj.bias.copy_(p['out']['b'])
     q, kv = torch.randn(3, 1, 16, generator=gen), torch.randn(3, 7, 16, generator=gen)
-    torch.testing.assert_close(plastic.attention(p, q, kv, 4), mha(q, kv, kv)[0], rtol=1e-5, atol=1e-5)
+    keys_values = plastic.attention_keys_values(p, kv, 4)
+    torch.testing.assert_close(plastic.attention(p, q, keys_values, 4), mha(q, kv, kv)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_ctm_synch_pairs_follow_the_select_type():
