@@ -7,23 +7,13 @@ import argparse
 import json
 import sys
 
-
-def print_table(rows):
-    """rows: list of dicts with the same keys -> aligned text table."""
-    if not rows:
-        return
-    keys = list(rows[0])
-    cells = [[f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print('  '.join(k.rjust(w) for k, w in zip(keys, widths)))
-    for c in cells:
-        print('  '.join(v.rjust(w) for v, w in zip(c, widths)))
+import train
 
 
 BENCHMARKS = {}
 
 
-# ctm_hyper (issue 4): step time of the plastic CTM against the plain CTM, same model, same batch, side by side.
+# ctm_hyper: step time of the plastic CTM against the plain CTM, same model, same batch, side by side.
 
 def add_ctm_hyper_args(p):
     p.add_argument('--device', default='auto', help='cpu, cuda or auto')
@@ -47,7 +37,6 @@ def run_ctm_hyper(args):
     import torch
 
     import plastic
-    import train
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
                           'cpu' if args.device == 'auto' else args.device)
     if device.type == 'cuda':
@@ -155,7 +144,7 @@ BENCHMARKS['lash_fastpath'] = (add_lash_fastpath_args, run_lash_fastpath,
                                'LASH: fast path (head once) vs general path loss+backward, side by side')
 
 
-# wkv (issue 7): Bi-WKV4 forward+backward time and achieved bandwidth, CUDA kernel vs torch scan vs dense.
+# wkv: Bi-WKV4 forward+backward time and achieved bandwidth, CUDA kernel vs torch scan vs dense.
 
 def add_wkv_args(p):
     p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC')
@@ -237,7 +226,7 @@ def run_wkv(args):
 BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s (issue 7)')
 
 
-# ctm (issue 9): training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
+# ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
 # plain and plastic, at the batch sizes asked for; the model is exactly `train.py ctm --preset ...`'s.
 
 CTM_PATHS = {'eager': [], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
@@ -267,7 +256,6 @@ def bench_ctm_one(argv, steps):
     import torch
 
     import plastic
-    import train
     args = train.resolve_ctm_args(train.build_parser().parse_args(['ctm', *shlex.split(argv)]))
     device = train.pick_device(args.device)
     if device.type == 'cuda':
@@ -342,7 +330,8 @@ def main(argv=None):
         add_args(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     rows = BENCHMARKS[args.bench][1](args)
-    print_table(rows)
+    if rows:
+        train.print_rows(rows)
     out = getattr(args, 'out', None) or f'bench_{args.bench}.json'
     with open(out, 'w') as f:
         json.dump({'argv': sys.argv, 'rows': rows}, f, indent=1)

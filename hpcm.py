@@ -20,7 +20,44 @@ from einops import rearrange
 
 
 # ================================================================================================================
-# Bi-WKV4: dense reference, torch scan, CUDA kernel via cupy (issue 7)
+# configuration
+
+@dataclass
+class HPCMConfig:
+    """Widths and phase of the codec. M: latent channels (y), N: hyper-latent channels (z), widths: g_a/g_s stages.
+    phase 0: the HPCM baseline cells; 1: RWKVContextCell at s3; 2: at s1, s2, s3; 3: also RWKVFusionNet context_net."""
+    M: int = 320
+    N: int = 256
+    phase: int = 3
+    widths: tuple = (96, 192, 384)
+    heads: int = 32  # of the baseline CrossAttentionCell
+    windows: tuple = (4, 8, 8)  # of the baseline cell at s1, s2, s3
+    rwkv_hidden_rates: tuple = (2, 3, 4)  # of RWKVContextCell at s1, s2, s3
+    fusion_blocks: int = 1
+    fusion_hidden_rate: int = 4
+    checkpoint: bool = False  # gradient checkpointing inside the RWKV fusion nets
+
+    def __post_init__(self):
+        if self.phase not in (0, 1, 2, 3):
+            raise ValueError(f"HPCMConfig.phase: expected 0, 1, 2 or 3, got {self.phase!r}")
+        if self.M % 8 or self.M <= 0:
+            raise ValueError(f"HPCMConfig.M: expected a positive multiple of 8 (8 channel groups), got {self.M}")
+        if (2 * self.M) % self.heads:
+            raise ValueError(f"HPCMConfig.heads: {self.heads} must divide the context width 2M = {2 * self.M}")
+        if len(self.widths) != 3:
+            raise ValueError(f"HPCMConfig.widths: expected three g_a stage widths, got {self.widths!r}")
+
+    def rwkv_at(self, scale):
+        return self.phase >= 2 or (self.phase == 1 and scale == 2)
+
+    @classmethod
+    def small(cls, phase=3, **overrides):
+        """A width that trains on a CPU in minutes; the structure (11 steps, groups, cells) is the full one."""
+        return cls(**{'M': 32, 'N': 32, 'phase': phase, 'widths': (16, 24, 32), 'heads': 8, **overrides})
+
+
+# ================================================================================================================
+# Bi-WKV4: dense reference, torch scan, CUDA kernel via cupy
 
 def init_linear(gen, d_in, d_out, bias=True):
     """nn.Linear's default init: uniform in ±1/sqrt(d_in)."""
@@ -281,7 +318,7 @@ def bi_wkv(w, u, k, v):
 
 
 # ================================================================================================================
-# RWKV blocks: OmniShift, SpatialMix, ChannelMix, RWKVContextCell, RWKVFusionBlock, RWKVFusionNet (issue 7)
+# RWKV blocks: OmniShift, SpatialMix, ChannelMix, RWKVContextCell, RWKVFusionBlock, RWKVFusionNet
 # Following RwkvCompress (models/lalic.py) and the seed's HPCM variants; x is (B, C, H, W) throughout and the
 # Bi-WKV sequence is the H·W pixels in raster order.
 
@@ -405,7 +442,7 @@ def rwkv_fusion_net(p, x, checkpoint=False):
 
 
 # ================================================================================================================
-# entropy models and rANS coding (issue 8)
+# entropy models and rANS coding
 
 SCALE_BOUND = 0.11  # CompressAI GaussianConditional: scales below this carry no information, only float trouble
 LIKELIHOOD_BOUND = 1e-9
@@ -603,41 +640,7 @@ def rans_finish(dec):
 
 
 # ================================================================================================================
-# transforms, HPCM context model, full codec, compress/decompress (issue 8)
-
-@dataclass
-class HPCMConfig:
-    """Widths and phase of the codec. M: latent channels (y), N: hyper-latent channels (z), widths: g_a/g_s stages.
-    phase 0: the HPCM baseline cells; 1: RWKVContextCell at s3; 2: at s1, s2, s3; 3: also RWKVFusionNet context_net."""
-    M: int = 320
-    N: int = 256
-    phase: int = 3
-    widths: tuple = (96, 192, 384)
-    heads: int = 32  # of the baseline CrossAttentionCell
-    windows: tuple = (4, 8, 8)  # of the baseline cell at s1, s2, s3
-    rwkv_hidden_rates: tuple = (2, 3, 4)  # of RWKVContextCell at s1, s2, s3
-    fusion_blocks: int = 1
-    fusion_hidden_rate: int = 4
-    checkpoint: bool = False  # gradient checkpointing inside the RWKV fusion nets
-
-    def __post_init__(self):
-        if self.phase not in (0, 1, 2, 3):
-            raise ValueError(f"HPCMConfig.phase: expected 0, 1, 2 or 3, got {self.phase!r}")
-        if self.M % 8 or self.M <= 0:
-            raise ValueError(f"HPCMConfig.M: expected a positive multiple of 8 (8 channel groups), got {self.M}")
-        if (2 * self.M) % self.heads:
-            raise ValueError(f"HPCMConfig.heads: {self.heads} must divide the context width 2M = {2 * self.M}")
-        if len(self.widths) != 3:
-            raise ValueError(f"HPCMConfig.widths: expected three g_a stage widths, got {self.widths!r}")
-
-    def rwkv_at(self, scale):
-        return self.phase >= 2 or (self.phase == 1 and scale == 2)
-
-    @classmethod
-    def small(cls, phase=3, **overrides):
-        """A width that trains on a CPU in minutes; the structure (11 steps, groups, cells) is the full one."""
-        return cls(**{'M': 32, 'N': 32, 'phase': phase, 'widths': (16, 24, 32), 'heads': 8, **overrides})
-
+# transforms, HPCM context model, full codec, compress/decompress
 
 def init_conv_transpose2d(gen, c_in, c_out, k):
     """PyTorch's default init for ConvTranspose2d: U(±1/sqrt(c_out·k·k)) for weight (c_in, c_out, k, k) and bias."""
@@ -1054,7 +1057,7 @@ def decompress(params, data, cfg):
 
 
 # ================================================================================================================
-# loss and data (issue 8)
+# loss and data
 
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's MSE lambdas for qualities 1..6
 

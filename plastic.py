@@ -88,7 +88,7 @@ class CTMConfig:
 
 
 # ================================================================================================================
-# building blocks: linear, layer norm, GLU, attention, SuperLinear (issue 3)
+# building blocks: linear, layer norm, GLU, attention, SuperLinear
 
 
 def uniform(gen, shape, bound):
@@ -201,7 +201,7 @@ def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
 
 
 # ================================================================================================================
-# plastic hypernetworks: HyperLoRALinear, HyperSuperLinear (issue 4)
+# plastic hypernetworks: HyperLoRALinear, HyperSuperLinear
 #
 # A plastic layer's weight follows the thought: W_t = W_base + gate(c) * U(c) V(c)^T with c = φ(context). φ, the
 # context compressor, is Linear -> LayerNorm -> SiLU (the seeds: "a single-layer MLP with Layer Normalization";
@@ -314,7 +314,7 @@ def plastic_super_linear(p, x, ctx, rate=0.0, train=False):
 
 
 # ================================================================================================================
-# synapses (SynapseUNET / HyperSynapseUNET), neuron-level models, synchronisation, certainty, backbones (issue 3)
+# synapses (SynapseUNET / HyperSynapseUNET), neuron-level models, synchronisation, certainty, backbones
 
 
 def synapse_widths(d_model, depth, minimum_width=16):
@@ -562,7 +562,7 @@ def positional_embedding(p, kind, features):
 
 
 # ================================================================================================================
-# the (Hyper) Continuous Thought Machine (issue 3; hyper fields wired in by issue 4)
+# the (Hyper) Continuous Thought Machine
 
 
 def init_ctm(cfg, gen):
@@ -645,7 +645,7 @@ def ctm_forward(params, buffers, x, cfg, train=False):
 
 
 # ================================================================================================================
-# losses (issue 3)
+# losses
 
 
 def select_ticks(losses, certainties, use_most_certain=True):
@@ -693,7 +693,7 @@ def maze_loss(predictions, certainties, targets, cirriculum_lookahead=5, use_mos
 
 
 # ================================================================================================================
-# tasks: mazes, parity, images (issue 3)
+# tasks: mazes, parity, images
 
 
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # the original's classes 0..3: up, down, left, right

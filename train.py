@@ -62,6 +62,27 @@ def tree_leaves(tree):
     return [v for v in flatten(tree).values() if isinstance(v, torch.Tensor)]
 
 
+def tree_to(tree, device, requires_grad=None):
+    """Move a nested dict/list of tensors to a device; with requires_grad set, as fresh leaves (for training)."""
+    if isinstance(tree, dict):
+        return {k: tree_to(v, device, requires_grad) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_to(v, device, requires_grad) for v in tree]
+    if requires_grad is None:
+        return tree.to(device)
+    return tree.detach().to(device).requires_grad_(requires_grad)
+
+
+def print_rows(rows, columns=None):
+    """rows: list of dicts -> aligned table of `columns` (all keys by default; floats with 4 significant digits)."""
+    columns = columns or list(rows[0])
+    cells = [[f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print('  '.join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print('  '.join(v.rjust(w) for v, w in zip(row, widths)), flush=True)
+
+
 def save_checkpoint(path, payload):
     """Write to a temporary file in the same folder, then rename: a crash mid-write leaves the old file intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -316,7 +337,7 @@ def add_common_args(p, log_dir, steps):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto', help='cpu, cuda or auto')
     p.add_argument('--log_dir', default=log_dir, help='checkpoints, metrics.jsonl and pictures go here')
-    p.add_argument('--resume', action='store_true', help='continue from LOG_DIR/ckpt.pt if it exists')
+    p.add_argument('--resume', action='store_true', help='continue from the checkpoint(s) in LOG_DIR if there are any')
     p.add_argument('--training_iterations', type=int, default=steps)
     p.add_argument('--log_every', type=int, default=10)
     p.add_argument('--save_every', type=int, default=500)
@@ -630,14 +651,6 @@ def run_ctm(args):
             torch.distributed.destroy_process_group()
 
 
-def tree_to(tree, device):
-    if isinstance(tree, dict):
-        return {k: tree_to(v, device) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [tree_to(v, device) for v in tree]
-    return tree.to(device)
-
-
 def ctm_answer(predictions, chosen, cfg):
     """The class predicted at each example's most certain tick: (B,) for images, (B, steps) for mazes/parity."""
     picked = predictions[torch.arange(len(chosen), device=chosen.device), :, chosen]  # (B, out_dims)
@@ -656,7 +669,7 @@ def ctm_maze_batch(seed, step, n, size, route_length, first=0):
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
-# ctm fast path (issue 9): at the seeds' mazes-small size one eager training step issues tens of thousands of small
+# ctm fast path: at the seeds' mazes-small size one eager training step issues tens of thousands of small
 # kernels (50 ticks x ~15 U-Net Linears, norms, NLM einsums, synchronisation, forward and backward), so the GPU
 # waits on Python and launches. ctm_train_step is the whole step as one host-sync-free function; cuda_graph_step
 # captures it once in a CUDA graph and replays it, one launch per step. The eager path runs the same function.
@@ -888,15 +901,6 @@ def timed_evaluate(params, batches, config, cfg, hard_masks=None):
     return dict(stats, seconds=time.perf_counter() - t0)
 
 
-def print_rows(rows, columns):
-    """rows: list of dicts -> aligned table of `columns` (floats with 4 significant digits)."""
-    cells = [[f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print('  '.join(c.rjust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print('  '.join(v.rjust(w) for v, w in zip(row, widths)), flush=True)
-
-
 def run_lash(args):
     import lash
     device, train_tokens, val, test, to_device = lash_setup(args)
@@ -1076,14 +1080,6 @@ def hpcm_images(folder, what):
     return [read_image(os.path.join(folder, f)) for f in names], names
 
 
-def hpcm_tree_to(tree, device, requires_grad):
-    if isinstance(tree, dict):
-        return {k: hpcm_tree_to(v, device, requires_grad) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [hpcm_tree_to(v, device, requires_grad) for v in tree]
-    return tree.detach().to(device).requires_grad_(requires_grad)
-
-
 def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
     """Estimated and real bpp, PSNR, encode/decode seconds per image; checks that decoding reproduces the encoder."""
     rows = []
@@ -1112,14 +1108,9 @@ def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
 
 
 def hpcm_print_table(rows):
-    keys = list(rows[0])
-    avg = {k: (sum(r[k] for r in rows) / len(rows) if isinstance(rows[0][k], float) else '') for k in keys}
+    avg = {k: (sum(r[k] for r in rows) / len(rows) if isinstance(rows[0][k], float) else '') for k in rows[0]}
     avg.update(image='average', exact=all(r['exact'] for r in rows))
-    cells = [[f'{r[k]:.4f}' if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows + [avg]]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print('  '.join(k.rjust(w) for k, w in zip(keys, widths)))
-    for c in cells:
-        print('  '.join(v.rjust(w) for v, w in zip(c, widths)), flush=True)
+    print_rows(rows + [avg])
     return avg
 
 
@@ -1142,7 +1133,7 @@ def run_hpcm(args):
         raise SystemExit(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
     cfg = hpcm_config(args, hpcm)
     gen = make_generator(args.seed)
-    params = hpcm_tree_to(hpcm.init_hpcm(cfg, gen), device, True)
+    params = tree_to(hpcm.init_hpcm(cfg, gen), device, True)
     eval_h, eval_w = args.eval_size or ((256, 256) if args.preset == 'full' else (128, 128))
     if args.eval_data or (args.eval and args.data):
         eval_images, eval_names = hpcm_images(args.eval_data or args.data, '--eval_data')

@@ -1,4 +1,4 @@
-// Bi-WKV4 forward and backward kernels, loaded by hpcm.py with cupy.RawModule (issue 7).
+// Bi-WKV4 forward and backward kernels, loaded by hpcm.py with cupy.RawModule.
 //
 // Per channel, with w and u already divided by T (hpcm.py does that, as Vision-RWKV's call site does):
 //   y_t = (sum_{i!=t} e^{-(|t-i|-1)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i!=t} e^{-(|t-i|-1)w + k_i} + e^{u+k_t})
