@@ -1209,7 +1209,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return SUBCOMMANDS[args.task][1](args)
+    try:
+        return SUBCOMMANDS[args.task][1](args)
+    except KeyboardInterrupt:  # the task has saved its checkpoint and said so; no traceback for a Ctrl-C
+        sys.exit(130)
 
 
 if __name__ == '__main__':
