@@ -37,8 +37,7 @@ def run_ctm_hyper(args):
     import torch
 
     import plastic
-    device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
-                          'cpu' if args.device == 'auto' else args.device)
+    device = train.pick_device(args.device)
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
     x, y = (torch.as_tensor(t).to(device) for t in
@@ -86,7 +85,7 @@ def run_ctm_hyper(args):
              'overhead_pct': 100 * (statistics.median(times) / base_ms - 1)} for name, (_, n, times) in runs.items()]
 
 
-BENCHMARKS['ctm_hyper'] = (add_ctm_hyper_args, run_ctm_hyper, 'plastic CTM step time vs the plain CTM (issue 4)')
+BENCHMARKS['ctm_hyper'] = (add_ctm_hyper_args, run_ctm_hyper, 'plastic CTM step time vs the plain CTM')
 
 
 def add_lash_fastpath_args(p):
@@ -182,8 +181,11 @@ def run_wkv(args):
     import hpcm
     if not torch.cuda.is_available():
         raise SystemExit('bench wkv needs a CUDA device')
-    copy_gbs = measure_copy_bandwidth(torch)
     paths = {'cuda': hpcm.bi_wkv_cuda, 'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense}
+    unknown = set(args.paths.split(',')) - set(paths)
+    if unknown:
+        raise SystemExit(f'--paths: expected a comma list of {", ".join(paths)}, got {sorted(unknown)}')
+    copy_gbs = measure_copy_bandwidth(torch)
     rows = []
     for size in args.sizes.split(','):
         B, C = (int(s) for s in size.split('x'))
@@ -223,7 +225,7 @@ def run_wkv(args):
     return rows
 
 
-BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s (issue 7)')
+BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s')
 
 
 # ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
@@ -262,7 +264,7 @@ def bench_ctm_one(argv, steps):
         torch.set_float32_matmul_precision('high')
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    fields, batch, _, task_loss = train.ctm_task(args, device)
+    fields, batch, _, task_loss = train.ctm_task(args)
     cfg = train.ctm_config(args, fields)
     params, buffers = (train.tree_to(t, device) for t in plastic.init_ctm(cfg, train.make_generator(0)))
     leaves = [t.requires_grad_(True) for t in train.tree_leaves(params)]
@@ -319,7 +321,7 @@ def run_ctm(args):
 
 
 BENCHMARKS['ctm'] = (add_ctm_args, run_ctm, 'CTM training step: eager vs CUDA graph (fp32/bf16), plain and plastic, '
-                     'mazes-small (issue 9)')
+                     'mazes-small')
 
 
 def main(argv=None):

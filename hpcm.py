@@ -57,7 +57,7 @@ class HPCMConfig:
 
 
 # ================================================================================================================
-# Bi-WKV4: dense reference, torch scan, CUDA kernel via cupy
+# small helpers: linear, conv2d, layer norm
 
 def init_linear(gen, d_in, d_out, bias=True):
     """nn.Linear's default init: uniform in ±1/sqrt(d_in)."""
@@ -108,7 +108,10 @@ def layer_norm_channels(p, x, eps=1e-5):
     return layer_norm(p, x.permute(0, 2, 3, 1), eps).permute(0, 3, 1, 2)
 
 
-# Bi-WKV4, pinned against OpenGVLab/Vision-RWKV (classification/mmcls_custom/models/backbones/vrwkv.py, the call
+# ================================================================================================================
+# Bi-WKV4: dense reference, torch scan, CUDA kernel via cupy
+#
+# Pinned against OpenGVLab/Vision-RWKV (classification/mmcls_custom/models/backbones/vrwkv.py, the call
 # `RUN_CUDA(B, T, C, self.spatial_decay / T, self.spatial_first / T, k, v)`, and cuda/wkv_cuda.cu) and
 # sjtu-medialab/RwkvCompress (models/lalic.py: `RUN_BiWKV4(B, T, C, self.decay / T, self.boost / T, k, v)`): the
 # learned decay w and bonus u are divided by the sequence length T at the call, then used as they are (no exp),

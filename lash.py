@@ -1,7 +1,7 @@
 """LASH (Layered Adaptive Supervision Hierarchy) and ASHEM (adaptive supervision via hard example mining) on a
 decoder-only transformer language model.
 
-Pure functions over parameter dicts. Imports only torch, numpy, einops and the standard library.
+Pure functions over parameter dicts. Imports only torch, einops and the standard library.
 
 LASH controls training with three options: `layer_weights` (which layers' outputs carry loss, through one shared
 output head), `layer_lr_scales` (one learning rate per layer, Howard & Ruder 2018) and `routing_threshold` with
@@ -295,6 +295,8 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     Continuing tokens are gathered to the front of each row (B, N) so layers above exit_layer really run on N
     tokens only; exited tokens keep their exit hidden state, which those layers read for keys/values.
     -> (logits (B, T, V), exit_mask (B, T))."""
+    if threshold is None and exit_mask is None:
+        raise ValueError("forward_routed: pass threshold (a probability) or exit_mask ((B, T) bool), got neither")
     h = embed(params, tokens, cfg)
     for layer in params['layers'][:exit_layer]:
         h = block(layer, h, cfg)

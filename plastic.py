@@ -88,7 +88,7 @@ class CTMConfig:
 
 
 # ================================================================================================================
-# building blocks: linear, layer norm, GLU, attention, SuperLinear
+# building blocks: linear, layer norm, GLU, attention, SuperLinear, conv, batch norm
 
 
 def uniform(gen, shape, bound):
@@ -296,6 +296,7 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
         x = layer_norm(p['ln'], x)
     u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
     delta = torch.bmm(torch.bmm(x, u), v.transpose(1, 2))  # (B, N, Out): (x U) V^T for every neuron at once
+    # x is already dropped out and normalised: the base path is super_linear without its dropout and 'ln'
     return torch.addcmul(super_linear({k: p[k] for k in ('w1', 'b1', 'T')}, x), delta, (gate / p['T'])[:, :, None],
                          value=(in_dims * u.shape[-1]) ** -0.5)
 
@@ -314,7 +315,8 @@ def plastic_super_linear(p, x, ctx, rate=0.0, train=False):
 
 
 # ================================================================================================================
-# synapses (SynapseUNET / HyperSynapseUNET), neuron-level models, synchronisation, certainty, backbones
+# synapses (SynapseUNET / HyperSynapseUNET), neuron-level models, synchronisation, certainty, backbones,
+# positional embeddings
 
 
 def synapse_widths(d_model, depth, minimum_width=16):

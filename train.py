@@ -444,7 +444,19 @@ def resolve_ctm_args(args):
     return args
 
 
-def ctm_task(args, device, rank=0):
+def ctm_maze_batch(seed, step, n, size, route_length, first=0):
+    """Mazes first .. first+n-1 of training step `step`, maze i drawn from its own generator seeded (seed, step, i).
+
+    The step's global batch is then one well-defined sequence of mazes whatever reads it: resuming, worker
+    processes, and N data-parallel ranks (rank r of batch size B takes mazes r·B .. r·B+B-1), so N ranks at batch B
+    train on exactly the mazes of one process at batch N·B, and a run can resume with another N."""
+    import plastic
+    xs, ys = zip(*(plastic.maze_batch(np.random.default_rng([seed, 0, step, i]), 1, size, route_length)[:2]
+                   for i in range(first, first + n)))
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def ctm_task(args, rank=0):
     """-> (CTMConfig fields of the task, train_batch(step) -> (x, y), test set (x, y), loss(pred, cert, y)).
 
     train_batch(step) is data-parallel rank `rank`'s own batch, a function of (seed, step, rank)."""
@@ -551,122 +563,10 @@ def write_maze_pngs(args, step, images, predicted, targets, scale=8):
         write_png(os.path.join(args.log_dir, f'maze_step{step}_{k}_{"solved" if solved[i] else "unsolved"}.png'), big)
 
 
-def run_ctm(args):
-    import plastic
-    args = resolve_ctm_args(args)
-    rank, world, device = setup_distributed(args.device)
-    ctm_quiet_unless_rank0(rank)
-    if args.cuda_graph and device.type != 'cuda':
-        raise SystemExit('train.py ctm --cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
-    gen = make_generator(args.seed)
-    if device.type == 'cuda':
-        torch.set_float32_matmul_precision('high')
-    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, device, rank)
-    if args.count_params:
-        return print_ctm_param_counts(args, fields)
-    try:
-        cfg = ctm_config(args, fields)
-        params, buffers = plastic.init_ctm(cfg, gen)
-    except (ValueError, NotImplementedError) as e:
-        raise SystemExit(f'train.py ctm: {e}')
-    params, buffers = tree_to(params, device), tree_to(buffers, device)
-    leaves = tree_leaves(params)
-    for t in leaves:
-        t.requires_grad_(True)
-    opt = torch.optim.AdamW(leaves, lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
-    path = checkpoint_path(args)
-    start = 0
-    if args.resume and os.path.exists(path):
-        try:
-            start = load_checkpoint(path, params, buffers, opt, args, must_match=CTM_MODEL_ARGS)['step']
-        except ValueError as e:
-            raise SystemExit(f'train.py ctm --resume: {e}')
-        print(f'resumed from {path} at step {start}')
-    ctm_optimizer_mode(opt, args.cuda_graph, device)
-    train_step = ctm_stepper(params, buffers, opt, cfg, task_loss, args, world)
-    print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
-          + (f'{world} ranks x batch {args.batch_size} | ' if world > 1 else '')
-          + f'{"CUDA graph | " if args.cuda_graph else ""}'
-          f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
-          + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
-             if args.ctm_task == 'mazes' else ''), flush=True)
-    autocast = lambda: torch.autocast('cuda', torch.bfloat16, enabled=args.use_amp and device.type == 'cuda')
-    workers = None
-    if args.num_workers_train > 0 and args.ctm_task == 'mazes':
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        workers = ProcessPoolExecutor(args.num_workers_train, mp_context=multiprocessing.get_context('spawn'))
-    ahead = {}
-
-    def next_batch(step):
-        if workers is None:
-            return train_batch(step)
-        for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
-            if s not in ahead:
-                ahead[s] = workers.submit(ctm_maze_batch, args.seed, s, args.batch_size, args.maze_size,
-                                          args.maze_route_length, rank * args.batch_size)
-        return ahead.pop(step).result()
-
-    def step_fn(step):
-        lr = ctm_lr(args, step)
-        set_lr(opt, lr)
-        x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in next_batch(step))
-        loss, accuracy = train_step(x, y).tolist()
-        metrics = {'loss': loss, 'acc': accuracy, 'lr': lr}
-        if device.type == 'cuda':
-            metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
-        return metrics
-
-    def eval_fn(step):
-        answers, losses = [], []
-        with torch.no_grad(), autocast():
-            for i in range(0, len(test_x), args.batch_size_test):
-                x, y = test_x[i:i + args.batch_size_test].to(device), test_y[i:i + args.batch_size_test].to(device)
-                predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg)
-                loss, chosen = task_loss(predictions.float(), certainties.float(), y)
-                answers.append(ctm_answer(predictions, chosen, cfg).cpu())
-                losses.append(loss.item())
-        answers = torch.cat(answers)
-        correct = answers == test_y
-        metrics = {'loss': float(np.mean(losses)), 'step_acc': correct.float().mean().item()}
-        if args.ctm_task != 'images':
-            metrics['solve_rate'] = correct.flatten(1).all(1).float().mean().item()
-        if args.ctm_task == 'mazes' and args.n_pngs:
-            write_maze_pngs(args, step, test_images[0], answers.numpy(), test_y.numpy())
-        return metrics
-
-    def save_fn(step):
-        save_checkpoint(path, {'params': params, 'buffers': buffers, 'opt': opt.state_dict(), 'step': step,
-                               'args': vars(args)})
-
-    metrics_log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
-    try:
-        lead = rank == 0  # the other ranks only train
-        run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
-                 args.save_every, args.track_every if lead else 0, eval_fn, metrics_log if lead else None)
-    finally:
-        if workers is not None:
-            workers.shutdown(cancel_futures=True)
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
 def ctm_answer(predictions, chosen, cfg):
     """The class predicted at each example's most certain tick: (B,) for images, (B, steps) for mazes/parity."""
     picked = predictions[torch.arange(len(chosen), device=chosen.device), :, chosen]  # (B, out_dims)
     return picked.reshape(len(chosen), *cfg.prediction_reshaper).argmax(-1)
-
-
-def ctm_maze_batch(seed, step, n, size, route_length, first=0):
-    """Mazes first .. first+n-1 of training step `step`, maze i drawn from its own generator seeded (seed, step, i).
-
-    The step's global batch is then one well-defined sequence of mazes whatever reads it: resuming, worker
-    processes, and N data-parallel ranks (rank r of batch size B takes mazes r·B .. r·B+B-1), so N ranks at batch B
-    train on exactly the mazes of one process at batch N·B, and a run can resume with another N."""
-    import plastic
-    xs, ys = zip(*(plastic.maze_batch(np.random.default_rng([seed, 0, step, i]), 1, size, route_length)[:2]
-                   for i in range(first, first + n)))
-    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
 # ctm fast path: at the seeds' mazes-small size one eager training step issues tens of thousands of small
@@ -769,6 +669,106 @@ def ctm_quiet_unless_rank0(rank):
     """Data-parallel ranks other than 0 print nothing (rank 0 logs, evaluates and checkpoints for all)."""
     if rank != 0:
         sys.stdout = open(os.devnull, 'w')
+
+
+def run_ctm(args):
+    import plastic
+    args = resolve_ctm_args(args)
+    rank, world, device = setup_distributed(args.device)
+    ctm_quiet_unless_rank0(rank)
+    if args.cuda_graph and device.type != 'cuda':
+        raise SystemExit('train.py ctm --cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
+    gen = make_generator(args.seed)
+    if device.type == 'cuda':
+        torch.set_float32_matmul_precision('high')
+    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, rank)
+    if args.count_params:
+        return print_ctm_param_counts(args, fields)
+    try:
+        cfg = ctm_config(args, fields)
+        params, buffers = plastic.init_ctm(cfg, gen)
+    except ValueError as e:
+        raise SystemExit(f'train.py ctm: {e}')
+    params, buffers = tree_to(params, device), tree_to(buffers, device)
+    leaves = tree_leaves(params)
+    for t in leaves:
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW(leaves, lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
+    path = checkpoint_path(args)
+    start = 0
+    if args.resume and os.path.exists(path):
+        try:
+            start = load_checkpoint(path, params, buffers, opt, args, must_match=CTM_MODEL_ARGS)['step']
+        except ValueError as e:
+            raise SystemExit(f'train.py ctm --resume: {e}')
+        print(f'resumed from {path} at step {start}')
+    ctm_optimizer_mode(opt, args.cuda_graph, device)
+    train_step = ctm_stepper(params, buffers, opt, cfg, task_loss, args, world)
+    print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
+          + (f'{world} ranks x batch {args.batch_size} | ' if world > 1 else '')
+          + f'{"CUDA graph | " if args.cuda_graph else ""}'
+          f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
+          + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
+             if args.ctm_task == 'mazes' else ''), flush=True)
+    autocast = lambda: torch.autocast('cuda', torch.bfloat16, enabled=args.use_amp and device.type == 'cuda')
+    workers = None
+    if args.num_workers_train > 0 and args.ctm_task == 'mazes':
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        workers = ProcessPoolExecutor(args.num_workers_train, mp_context=multiprocessing.get_context('spawn'))
+    ahead = {}
+
+    def next_batch(step):
+        if workers is None:
+            return train_batch(step)
+        for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
+            if s not in ahead:
+                ahead[s] = workers.submit(ctm_maze_batch, args.seed, s, args.batch_size, args.maze_size,
+                                          args.maze_route_length, rank * args.batch_size)
+        return ahead.pop(step).result()
+
+    def step_fn(step):
+        lr = ctm_lr(args, step)
+        set_lr(opt, lr)
+        x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in next_batch(step))
+        loss, accuracy = train_step(x, y).tolist()
+        metrics = {'loss': loss, 'acc': accuracy, 'lr': lr}
+        if device.type == 'cuda':
+            metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    def eval_fn(step):
+        answers, losses = [], []
+        with torch.no_grad(), autocast():
+            for i in range(0, len(test_x), args.batch_size_test):
+                x, y = test_x[i:i + args.batch_size_test].to(device), test_y[i:i + args.batch_size_test].to(device)
+                predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg)
+                loss, chosen = task_loss(predictions.float(), certainties.float(), y)
+                answers.append(ctm_answer(predictions, chosen, cfg).cpu())
+                losses.append(loss.item())
+        answers = torch.cat(answers)
+        correct = answers == test_y
+        metrics = {'loss': float(np.mean(losses)), 'step_acc': correct.float().mean().item()}
+        if args.ctm_task != 'images':
+            metrics['solve_rate'] = correct.flatten(1).all(1).float().mean().item()
+        if args.ctm_task == 'mazes' and args.n_pngs:
+            write_maze_pngs(args, step, test_images[0], answers.numpy(), test_y.numpy())
+        return metrics
+
+    def save_fn(step):
+        save_checkpoint(path, {'params': params, 'buffers': buffers, 'opt': opt.state_dict(), 'step': step,
+                               'args': vars(args)})
+
+    metrics_log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
+    try:
+        lead = rank == 0  # the other ranks only train
+        run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
+                 args.save_every, args.track_every if lead else 0, eval_fn, metrics_log if lead else None)
+    finally:
+        if workers is not None:
+            workers.shutdown(cancel_futures=True)
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -965,7 +965,8 @@ def run_ashem(args):
         acfg = lash.ASHEMConfig(args.phase1_layers, args.hard_example_ratio, args.phase2_layers,
                                 args.phase1_patience, args.phase2_patience, args.phase2_lr_scale)
     except ValueError as e:
-        raise SystemExit(f'--phase1_layers/--phase2_layers/--hard_example_ratio/--*_patience: {e}') from None
+        raise SystemExit(f'--phase1_layers/--phase2_layers/--hard_example_ratio/--*_patience/--phase2_lr_scale: '
+                         f'{e}') from None
     p1, p2 = acfg.phase1_layers, acfg.phase2_layers
     must_match = LASH_MODEL_ARGS + ('phase1_layers', 'phase2_layers', 'hard_example_ratio')
     train_batches = lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,

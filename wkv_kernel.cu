@@ -19,7 +19,8 @@
 // therefore two more Bi-WKV scans; the states stay bounded because e^{k_i + s_ti} <= Z_t.
 //
 // Layout: k, v, y, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens; a block owns
-// one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Per direction three launches:
+// one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward pass
+// take three launches each (both scan directions in every launch):
 //   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
 //   wkv_carry<F>:  a serial pass over the chunks of each (b, c), turning summaries into incoming states,
 //   wkv_forward<F, true> / wkv_backward<F, true>: recompute each chunk from its incoming states, write outputs.
