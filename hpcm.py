@@ -936,7 +936,8 @@ def hpcm_forward(params, x, cfg, training=False):
 
 BITSTREAM_MAGIC = b'HPCM'
 BITSTREAM_VERSION = 1
-# magic, version, phase, height, width, model fingerprint, log2(lanes), words, escape bytes, CRC32 of what follows
+# magic, version, phase, height, width, model fingerprint, log2(lanes), words, escape bytes, and a CRC32 of the
+# header fields before it and the payload after it: a flipped bit anywhere is caught before decoding starts.
 HEADER = struct.Struct('<4sBBHHIBIII')
 
 
@@ -1009,9 +1010,9 @@ def compress(params, x, cfg):
     log2_lanes = int(np.clip(np.log2(max(1.0, ideal_bits(values, table, tables) / 8 / 1000)), 0, 10))
     states, words, escapes = rans_encode(values, table, tables, 1 << log2_lanes)
     body = states.astype('<u8').tobytes() + words.astype('<u4').tobytes() + escapes
-    header = HEADER.pack(BITSTREAM_MAGIC, BITSTREAM_VERSION, cfg.phase, H, W, model_fingerprint(params), log2_lanes,
-                         len(words), len(escapes), zlib.crc32(body))
-    return header + body
+    fields = HEADER.pack(BITSTREAM_MAGIC, BITSTREAM_VERSION, cfg.phase, H, W, model_fingerprint(params), log2_lanes,
+                         len(words), len(escapes), 0)[:-4]
+    return fields + struct.pack('<I', zlib.crc32(fields + body)) + body
 
 
 def decompress(params, data, cfg):
@@ -1031,7 +1032,7 @@ def decompress(params, data, cfg):
     if len(body) != expected:
         raise ValueError(f"bitstream: the header announces {expected} bytes of payload, the stream has {len(body)} "
                          f"({'truncated' if len(body) < expected else 'trailing bytes'})")
-    if zlib.crc32(body) != crc:
+    if zlib.crc32(bytes(data[:HEADER.size - 4]) + body) != crc:
         raise ValueError("bitstream: checksum mismatch, the stream is corrupt")
     if phase != cfg.phase:
         raise ValueError(f"bitstream: written by a phase {phase} model, cfg.phase is {cfg.phase}")

@@ -1699,6 +1699,11 @@ def test_hpcm_bad_streams_raise_clear_errors():
                          (b'JPEG' + data[4:], 'not an HPCM stream'), (data + b'\0', 'trailing')):
         with pytest.raises(ValueError, match=message):
             hpcm.decompress(params, bad, cfg)
+    for i in range(4, hpcm.HEADER.size):  # every header field after the magic: version, shape, lengths, CRC
+        flipped = bytearray(data)
+        flipped[i] ^= 0x04
+        with pytest.raises(ValueError, match='bitstream'):
+            hpcm.decompress(params, bytes(flipped), cfg)
     _, other = hpcm_tiny(0, seed=1)
     with pytest.raises(ValueError, match='different model'):
         hpcm.decompress(other, data, cfg)
