@@ -227,7 +227,7 @@ def _wkv_kernels(dtype, device_index):
             source = f.read()
         kernels = {'fwd_sum': f'wkv_forward<{name}, false>', 'fwd': f'wkv_forward<{name}, true>',
                    'bwd_sum': f'wkv_backward<{name}, false>', 'bwd': f'wkv_backward<{name}, true>',
-                   'carry': f'wkv_carry<{name}>'}
+                   'carry': f'wkv_carry<{name}, false>', 'grad_carry': f'wkv_carry<{name}, true>'}
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=source, options=('-std=c++17', f'-DLT={_WKV_LT}', f'-DNS={_WKV_NS}'),
                                     name_expressions=list(kernels.values()))
@@ -248,7 +248,9 @@ def _launch(kernel, blocks, threads, *args):
 
 
 class _BiWKVCuda(torch.autograd.Function):
-    """wkv_kernel.cu: per-chunk summaries, a carry pass over chunks, then the chunks again with their carries."""
+    """wkv_kernel.cu: per-chunk summaries, a carry pass over chunks, then the chunks again with their carries. The
+    forward also writes log Z (one more (B, T, C) tensor kept for backward), so the backward is one Bi-WKV scan of
+    the gradients and never recomputes the forward."""
 
     @staticmethod
     def forward(ctx, w, u, k, v):
@@ -257,29 +259,30 @@ class _BiWKVCuda(torch.autograd.Function):
         w, u, k, v = (t.contiguous() for t in (w, u, k, v))
         nchunk = -(-T // (_WKV_LT * _WKV_NS))
         blocks, threads = B * nchunk * -(-C // _WKV_CW), (_WKV_CW, _WKV_NS)
-        carries = k.new_empty(B, nchunk, 8, C)  # per chunk: forward (r, n, a, b) then reverse (r, n, a, b)
-        y = torch.empty_like(k)
-        _launch(kern['fwd_sum'], blocks, threads, B, T, C, w, u, k, v, carries, y)
-        _launch(kern['carry'], -(-B * C // 256), (256,), B, T, C, w, carries)
-        _launch(kern['fwd'], blocks, threads, B, T, C, w, u, k, v, carries, y)
-        ctx.save_for_backward(w, u, k, v, carries)
+        states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
+        y, log_z = torch.empty_like(k), torch.empty_like(k)
+        _launch(kern['fwd_sum'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
+        _launch(kern['carry'], -(-2 * B * C // 256), (256,), B, T, C, w, states)
+        _launch(kern['fwd'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
+        ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        w, u, k, v, carries = ctx.saved_tensors
+        w, u, k, v, y, log_z = ctx.saved_tensors
         B, T, C = k.shape
         kern = _wkv_kernels(k.dtype, k.device.index)
         gy = gy.contiguous()
-        nchunk = carries.shape[1]
+        nchunk = -(-T // (_WKV_LT * _WKV_NS))
         blocks, threads = B * nchunk * -(-C // _WKV_CW), (_WKV_CW, _WKV_NS)
-        grad_carries = torch.empty_like(carries)
+        states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gw, gu = k.new_empty(B * nchunk, C), k.new_empty(B * nchunk, C)  # per-chunk partial sums
-        _launch(kern['bwd_sum'], blocks, threads, B, T, C, w, u, k, v, gy, carries, grad_carries, gk, gv, gw, gu)
-        _launch(kern['carry'], -(-B * C // 256), (256,), B, T, C, w, grad_carries)
-        _launch(kern['bwd'], blocks, threads, B, T, C, w, u, k, v, gy, carries, grad_carries, gk, gv, gw, gu)
+        args = (B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gw, gu)
+        _launch(kern['bwd_sum'], blocks, threads, *args)
+        _launch(kern['grad_carry'], -(-2 * B * C // 256), (256,), B, T, C, w, states)
+        _launch(kern['bwd'], blocks, threads, *args)
         return gw.sum(0, dtype=torch.float64).to(w.dtype), gu.sum(0, dtype=torch.float64).to(u.dtype), gk, gv
 
 

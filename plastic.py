@@ -223,26 +223,27 @@ HYPER_NLM_CTX_HIDDEN = 128  # the NLM seed's "Context net: 1024 -> 128"
 
 
 def init_hypernet(gen, ctx_dims, hidden, u_rows, v_rows, rank, n_gates):
-    """φ (ctx_dims -> hidden) and heads for U (u_rows·rank), V (v_rows·rank) and n_gates gates (zero at init)."""
+    """φ (ctx_dims -> hidden) and the three heads stacked in one Linear 'heads': rows [U (u_rows·rank) |
+    V (v_rows·rank) | n_gates gates], the gate rows zero. One Linear, not three: at a CTM tick's batch size each
+    kernel launch, and each per-tick gradient accumulation into a separate tensor, costs more than the FLOPs."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive hyper rank, got {rank}")
-    return {'compressor': {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)},
-            'head_u': init_linear(gen, hidden, u_rows * rank),
-            'head_v': init_linear(gen, hidden, v_rows * rank),
-            'head_gate': {'w': torch.zeros(n_gates, hidden), 'b': torch.zeros(n_gates)}}
+    compressor = {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)}
+    head_u, head_v = init_linear(gen, hidden, u_rows * rank), init_linear(gen, hidden, v_rows * rank)
+    return {'compressor': compressor,
+            'heads': {'w': torch.cat([head_u['w'], head_v['w'], torch.zeros(n_gates, hidden)]),
+                      'b': torch.cat([head_u['b'], head_v['b'], torch.zeros(n_gates)])}}
 
 
-def hypernet(h, ctx, u_rows, v_rows):
+def hypernet(h, ctx, u_rows, v_rows, n_gates):
     """ctx (B, ctx_dims) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
     ctx_dims = h['compressor']['lin']['w'].shape[1]
     if ctx.dim() != 2 or ctx.shape[1] != ctx_dims:
         raise ValueError(f"ctx: expected a context of shape (B, {ctx_dims}), got {tuple(ctx.shape)}")
     c = F.silu(layer_norm(h['compressor']['ln'], linear(h['compressor']['lin'], ctx)))  # (B, hidden)
-    # The three heads in one matmul: at a CTM tick's batch size, kernel launches cost more than the FLOPs.
-    heads = (h['head_u'], h['head_v'], h['head_gate'])
-    out = F.linear(c, torch.cat([q['w'] for q in heads]), torch.cat([q['b'] for q in heads]))
-    u, v, gate = out.split([q['w'].shape[0] for q in heads], dim=1)
-    return u.unflatten(1, (u_rows, -1)), v.unflatten(1, (v_rows, -1)), torch.tanh(gate)
+    rank = (h['heads']['w'].shape[0] - n_gates) // (u_rows + v_rows)
+    u, v, gate = linear(h['heads'], c).split([u_rows * rank, v_rows * rank, n_gates], dim=1)
+    return u.unflatten(1, (u_rows, rank)), v.unflatten(1, (v_rows, rank)), torch.tanh(gate)
 
 
 def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_CTX_HIDDEN):
@@ -260,7 +261,7 @@ def hyper_lora_linear(p, x, ctx):
     out_dims, in_dims = p['w'].shape
     if x.dim() != 2 or x.shape[1] != in_dims or x.shape[0] != ctx.shape[0]:
         raise ValueError(f"x: expected (B, {in_dims}) with the context's B = {ctx.shape[0]}, got {tuple(x.shape)}")
-    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims)
+    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
     delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
     return torch.addcmul(linear(p, x), gate, delta, value=(in_dims * u.shape[-1]) ** -0.5)
 
@@ -268,7 +269,7 @@ def hyper_lora_linear(p, x, ctx):
 def hyper_lora_dense_weight(p, ctx):
     """W_t = W + gate·scale·U V^T as a dense (B, Out, In) tensor, for teaching and tests (never in a forward)."""
     out_dims, in_dims = p['w'].shape
-    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims)
+    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
     return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * (in_dims * u.shape[-1]) ** -0.5
 
 
@@ -294,7 +295,7 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
     x = dropout(trace, rate, train)  # once, so that the base and plastic paths see the same dropout mask
     if 'ln' in p:
         x = layer_norm(p['ln'], x)
-    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims, n)
     delta = torch.bmm(torch.bmm(x, u), v.transpose(1, 2))  # (B, N, Out): (x U) V^T for every neuron at once
     # x is already dropped out and normalised: the base path is super_linear without its dropout and 'ln'
     return torch.addcmul(super_linear({k: p[k] for k in ('w1', 'b1', 'T')}, x), delta, (gate / p['T'])[:, :, None],
@@ -303,8 +304,8 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
 
 def hyper_super_linear_dense_weight(p, ctx):
     """Every neuron's W_d + gate_d·scale·U V^T as a dense (B, In, Out, N) tensor, w1's layout (tests, teaching)."""
-    in_dims, out_dims, _ = p['w1'].shape
-    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
+    in_dims, out_dims, n = p['w1'].shape
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims, n)
     scale = (in_dims * u.shape[-1]) ** -0.5
     return p['w1'] + gate[:, None, None, :] * torch.einsum('bmr,bhr->bmh', u, v)[..., None] * scale
 

@@ -558,11 +558,13 @@ import plastic  # noqa: E402
 
 
 def open_gates(p, seed):
-    """Random gate heads: at init the gates are shut (zero), which would make every plastic check vacuous."""
+    """Random gate rows (the heads' last n_gates): at init the gates are shut (zero), which would make every
+    plastic check vacuous."""
     gen = torch.Generator().manual_seed(seed)
-    head = p['hyper']['head_gate']
-    for k in head:
-        head[k] = torch.randn(head[k].shape, generator=gen, dtype=head[k].dtype)
+    heads = p['hyper']['heads']
+    n_gates = p['w1'].shape[2] if 'w1' in p else 1
+    for k in heads:
+        heads[k][-n_gates:] = torch.randn(heads[k][-n_gates:].shape, generator=gen, dtype=heads[k].dtype)
     return p
 
 
@@ -579,15 +581,17 @@ def rank_of(m):
     return torch.linalg.matrix_rank(m, rtol=1e-9).tolist()
 
 
-def hand_hypernet(h, ctx, u_rows, v_rows):
+def hand_hypernet(h, ctx, u_rows, v_rows, rank):
     """The hypernetwork as the seeds write it, head by head: c = SiLU(LayerNorm(Linear(ctx))), U, V, tanh gate."""
     c = ctx @ h['compressor']['lin']['w'].t() + h['compressor']['lin']['b']
     c = (c - c.mean(-1, keepdim=True)) / torch.sqrt(c.var(-1, unbiased=False, keepdim=True) + 1e-5)
     c = c * h['compressor']['ln']['w'] + h['compressor']['ln']['b']
     c = c * torch.sigmoid(c)
-    head = lambda name: c @ h[name]['w'].t() + h[name]['b']
-    return (head('head_u').reshape(len(ctx), u_rows, -1), head('head_v').reshape(len(ctx), v_rows, -1),
-            torch.tanh(head('head_gate')))
+    rows = {'u': slice(0, u_rows * rank), 'v': slice(u_rows * rank, (u_rows + v_rows) * rank),
+            'gate': slice((u_rows + v_rows) * rank, None)}
+    head = lambda name: c @ h['heads']['w'][rows[name]].t() + h['heads']['b'][rows[name]]
+    return (head('u').reshape(len(ctx), u_rows, rank), head('v').reshape(len(ctx), v_rows, rank),
+            torch.tanh(head('gate')))
 
 
 hyper_shapes = dict(b=st.integers(1, 3), in_dims=st.integers(1, 12), out_dims=st.integers(1, 12),
@@ -600,7 +604,7 @@ def test_hyper_lora_linear_equals_dense_weight_and_low_rank(b, in_dims, out_dims
     p = to_double(open_gates(plastic.init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims), seed))
     x, ctx, ctx2 = (torch.randn(b, d, generator=gen, dtype=torch.float64) for d in (in_dims, ctx_dims, ctx_dims))
     w_t = plastic.hyper_lora_dense_weight(p, ctx)  # (B, Out, In)
-    u, v, gate = hand_hypernet(p['hyper'], ctx, out_dims, in_dims)
+    u, v, gate = hand_hypernet(p['hyper'], ctx, out_dims, in_dims, rank)
     torch.testing.assert_close(w_t, p['w'] + gate[:, :, None] * (u @ v.transpose(1, 2)) / math.sqrt(in_dims * rank))
     y = plastic.hyper_lora_linear(p, x, ctx)
     torch.testing.assert_close(y, torch.einsum('boi,bi->bo', w_t, x) + p['b'])
@@ -627,7 +631,7 @@ def test_hyper_super_linear_per_neuron_loop_and_low_rank(b, in_dims, out_dims, r
     ctx, ctx2 = (torch.randn(b, ctx_dims, generator=gen, dtype=torch.float64) for _ in range(2))
     x = F.layer_norm(trace, (in_dims,), p['ln']['w'], p['ln']['b']) if do_norm else trace
     w_t = plastic.hyper_super_linear_dense_weight(p, ctx)  # (B, In, Out, D)
-    u, v, gate = hand_hypernet(p['hyper'], ctx, in_dims, out_dims)
+    u, v, gate = hand_hypernet(p['hyper'], ctx, in_dims, out_dims, rank)
     shared = (u @ v.transpose(1, 2)) / math.sqrt(in_dims * rank)  # (B, In, Out): one U V^T, a gate per neuron
     y = plastic.hyper_super_linear(p, trace, ctx)  # (B, D, Out)
     for d in range(neurons):
@@ -658,25 +662,43 @@ def test_hyper_super_linear_one_dropout_mask_for_both_paths():
     torch.testing.assert_close(y, (torch.einsum('bdm,bmhd->bdh', dropped, w_t) + p['b1']) / p['T'])
 
 
-def hyper_leaves(tree):
-    return {name: t for name, t in train.flatten(tree).items() if '.hyper.' in f'.{name}'}
+def hyper_parts(tree, name=''):
+    """name -> gradient-carrying part of every hypernetwork: its compressor tensors, and its heads split into the
+    U/V rows and the gate rows (the last n_gates: one per Linear, one per neuron of a SuperLinear)."""
+    found = {}
+    if isinstance(tree, list):
+        for i, v in enumerate(tree):
+            found.update(hyper_parts(v, f'{name}.{i}'))
+    elif isinstance(tree, dict):
+        if 'hyper' in tree:
+            n_gates = tree['w1'].shape[2] if 'w1' in tree else 1
+            h = tree['hyper']
+            for key, t in train.flatten(h['compressor']).items():
+                found[f'{name}.compressor.{key}'] = lambda t=t: t.grad
+            for key, t in h['heads'].items():
+                found[f'{name}.heads.{key}.uv'] = lambda t=t: t.grad[:-n_gates]
+                found[f'{name}.heads.{key}.gate'] = lambda t=t: t.grad[-n_gates:]
+        for k, v in tree.items():
+            if k != 'hyper':
+                found.update(hyper_parts(v, f'{name}.{k}'))
+    return found
 
 
 def assert_grads_reach_every_hyper_param(params, loss_fn):
-    """At init only the gate head learns (the rest is multiplied by a zero gate); after one step, everything."""
+    """At init only the gate rows learn (the rest is multiplied by a zero gate); after one step, everything."""
     leaves = train.tree_leaves(params)
     for t in leaves:
         t.requires_grad_(True)
     opt = torch.optim.SGD(leaves, lr=0.1)
     loss_fn().backward()
-    hyper = hyper_leaves(params)
+    hyper = hyper_parts(params)
     assert hyper
-    for name, t in hyper.items():
-        assert ('head_gate' in name) == bool(t.grad.abs().sum() > 0), name
+    for name, grad in hyper.items():
+        assert name.endswith('.gate') == bool(grad().abs().sum() > 0), name
     opt.step()
     opt.zero_grad()
     loss_fn().backward()
-    silent = [name for name, t in hyper.items() if not t.grad.abs().sum() > 0]
+    silent = [name for name, grad in hyper.items() if not grad().abs().sum() > 0]
     assert not silent, silent
 
 
@@ -790,7 +812,7 @@ def test_hyper_train_cli_use_hyper_runs_and_flags_are_checked(tmp_path):
     assert 'solve_rate' in ok.stdout
     saved = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     assert saved['args']['hyper_layers'] == 'bottleneck'
-    assert {'synapses.down.2.lin.hyper.head_u.w', 'nlm.l2.hyper.head_gate.w'} <= set(train.flatten(saved['params']))
+    assert {'synapses.down.2.lin.hyper.heads.w', 'nlm.l2.hyper.heads.w'} <= set(train.flatten(saved['params']))
     bad = run_train('ctm', '--hyper_layers', 'down', '--training_iterations', '1', '--log_dir', str(tmp_path))
     assert bad.returncode != 0 and '--hyper_layers down needs --use_hyper' in bad.stderr
 

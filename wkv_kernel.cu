@@ -10,20 +10,21 @@
 // Keys are taken relative to k[b, 0, c] (y does not change when a channel's keys shift together), which keeps
 // every exponent small when k carries a large offset.
 //
-// Backward, with Z_t the denominator, q_t = gy_t / Z_t = gy_t e^{kappa_t} (kappa_t = -log Z_t):
-//   gv_i = e^{k_i} (G_i + e^u q_i),  gk_i = e^{k_i} (v_i (G_i + e^u q_i) - (H_i + e^u q_i y_i)),
-//   gu   = sum_t e^{u+k_t} q_t (v_t - y_t),
-//   gw   = -e^{-w} sum_j (A_j G>_j - B_j H>_j + C_j G<_j - D_j H<_j),
-// where A, B (C, D) are the forward (reverse) numerator / denominator sums of the forward pass and G, H are the
-// same decayed sums taken over the keys kappa_t and the values gy_t, gy_t y_t (G = G< + G>). The gradient is
-// therefore two more Bi-WKV scans; the states stay bounded because e^{k_i + s_ti} <= Z_t.
+// Backward, with Z_t the denominator, d_ti = |t-i| - 1 and q_t = gy_t / Z_t = gy_t e^{kappa_t}, kappa_t = -log Z_t
+// (the forward pass writes log Z, so the backward never recomputes the forward):
+//   gv_i = e^{k_i} (G_i + e^u q_i),  gk_i = e^{k_i} (v_i G_i - H_i + e^u q_i (v_i - y_i)),
+//   gu   = sum_t e^{u+k_t} q_t (v_t - y_t),  gw = -sum_i e^{k_i} (v_i G'_i - H'_i),
+// with G_i = sum_{t!=i} e^{-d_ti w} q_t, H_i the same over q_t y_t, and G', H' the same sums weighted by d_ti:
+// one more Bi-WKV scan, over keys kappa_t and values gy_t, gy_t y_t, whose states also carry the distance-weighted
+// sums (a2, b2). Nothing overflows: e^{k_i - d_ti w} <= Z_t, so e^{k_i} times a gradient state is at most O(gy).
 //
-// Layout: k, v, y, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens; a block owns
-// one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward pass
+// Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens; a
+// block owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward
 // take three launches each (both scan directions in every launch):
 //   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
-//   wkv_carry<F>:  a serial pass over the chunks of each (b, c), turning summaries into incoming states,
-//   wkv_forward<F, true> / wkv_backward<F, true>: recompute each chunk from its incoming states, write outputs.
+//   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
+//                    states, in place,
+//   wkv_forward<F, true> / wkv_backward<F, true>: each chunk again from its incoming states; write the outputs.
 // Inside a block the sub-chunk summaries are combined by a Hillis-Steele scan in shared memory.
 
 #ifndef LT
@@ -32,10 +33,14 @@
 #ifndef NS
 #define NS 16
 #endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1
+#endif
 #define CW 32
 #define BL (LT * NS)
 
-template <typename F> struct St { F r, n, a, b; };
+// a2, b2: the same sums weighted by each term's distance, carried only when D (the backward's states, for gw)
+template <typename F> struct St { F r, n, a, b, a2, b2; };
 
 __device__ __forceinline__ float ex(float x) { return __expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
@@ -44,30 +49,36 @@ __device__ __forceinline__ double lg(double x) { return log(x); }
 
 // "minus infinity" that stays finite under the few additions a state sees, so no inf - inf appears
 template <typename F> __device__ __forceinline__ St<F> empty() {
-    return {F(sizeof(F) == 4 ? -1e37 : -1e300), F(0), F(0), F(0)};
+    return {F(sizeof(F) == 4 ? -1e37 : -1e300), F(0), F(0), F(0), F(0), F(0)};
 }
 
 template <typename F> __device__ __forceinline__ F expo(St<F> s, F w) { return s.r - s.n * w; }
 
-// x decayed by dx more tokens, plus y; one of the two scale factors is exactly 1
-template <typename F> __device__ __forceinline__ St<F> merge(St<F> x, F dx, St<F> y, F w) {
+// x decayed by dx more tokens, plus y; one of the two scale factors is exactly 1. Decaying x moves each of its
+// terms dx tokens further away, hence the dx * x.a in the distance-weighted sums.
+template <typename F, bool D> __device__ __forceinline__ St<F> merge(St<F> x, F dx, St<F> y, F w) {
     F nx = x.n + dx;
     F diff = (x.r - y.r) - (nx - y.n) * w;
     F e = ex(-fabs(diff));
     bool keep = diff >= F(0);
     F e1 = keep ? F(1) : e, e2 = keep ? e : F(1);
-    return {keep ? x.r : y.r, keep ? nx : y.n, x.a * e1 + y.a * e2, x.b * e1 + y.b * e2};
+    St<F> m{keep ? x.r : y.r, keep ? nx : y.n, x.a * e1 + y.a * e2, x.b * e1 + y.b * e2, F(0), F(0)};
+    if (D) {
+        m.a2 = (x.a2 + dx * x.a) * e1 + y.a2 * e2;
+        m.b2 = (x.b2 + dx * x.b) * e1 + y.b2 * e2;
+    }
+    return m;
 }
 
-template <typename F> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb) {
-    s = merge(s, F(1), St<F>{key, F(0), va, vb}, w);
+template <typename F, bool D> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb) {
+    s = merge<F, D>(s, F(1), St<F>{key, F(0), va, vb, F(0), F(0)}, w);
 }
 
 struct Tile {
     int b, j, c, s, cs, t0, len, nchunk;
     bool live;
     long long off;  // element offset of token t0 of channel c in a (B, T, C) tensor
-    long long row;  // b * nchunk + j: the chunk's row in the (B, nchunk, 8, C) state buffers
+    long long row;  // b * nchunk + j: the chunk's row in the (B, nchunk, 2, NV, C) state buffers
 };
 
 __device__ __forceinline__ Tile tile(int B, int T, int C) {
@@ -90,17 +101,30 @@ __device__ __forceinline__ Tile tile(int B, int T, int C) {
     return q;
 }
 
-// states of chunk j of (b, c): slot 0 forward (r, n, a, b), slot 1 reverse; (B, nchunk, 8, C)
-template <typename F> __device__ __forceinline__ St<F> load_state(const F *S, long long row, int slot, int C, int c) {
-    const F *p = S + (row * 8 + slot * 4) * C + c;
-    return {p[0], p[C], p[2 * C], p[3 * C]};
+// state of chunk row `row` in direction `dir` (0 forward, 1 reverse): (B, nchunk, 2, NV, C) with NV = 4 or 6
+template <typename F, bool D> __device__ __forceinline__ St<F> load_state(const F *S, long long row, int dir, int C,
+                                                                         int c) {
+    constexpr int NV = D ? 6 : 4;
+    const F *p = S + (row * 2 * NV + dir * NV) * C + c;
+    St<F> s{p[0], p[C], p[2 * C], p[3 * C], F(0), F(0)};
+    if (D) {
+        s.a2 = p[4 * C];
+        s.b2 = p[5 * C];
+    }
+    return s;
 }
-template <typename F> __device__ __forceinline__ void store_state(F *S, long long row, int slot, int C, int c, St<F> v) {
-    F *p = S + (row * 8 + slot * 4) * C + c;
-    p[0] = v.r;
-    p[C] = v.n;
-    p[2 * C] = v.a;
-    p[3 * C] = v.b;
+template <typename F, bool D> __device__ __forceinline__ void store_state(F *S, long long row, int dir, int C, int c,
+                                                                         St<F> s) {
+    constexpr int NV = D ? 6 : 4;
+    F *p = S + (row * 2 * NV + dir * NV) * C + c;
+    p[0] = s.r;
+    p[C] = s.n;
+    p[2 * C] = s.a;
+    p[3 * C] = s.b;
+    if (D) {
+        p[4 * C] = s.a2;
+        p[5 * C] = s.b2;
+    }
 }
 
 // tokens held by sub-chunks lo..hi of the chunk starting at cs
@@ -108,98 +132,93 @@ __device__ __forceinline__ int tokens(int lo, int hi, int cs, int T) {
     return max(0, min((hi - lo + 1) * LT, T - (cs + lo * LT)));
 }
 
-// fw, rv: this sub-chunk's own summaries (forward: e^{-(len-1-p)w}-weighted, reverse: e^{-p w}-weighted).
-// cf, cr: states entering the chunk from the left / right. On return fw, rv are the states entering this
-// sub-chunk from the left / right, and tf, tr the whole chunk's summaries.
-template <typename F>
-__device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs, int T, St<F> &tf, St<F> &tr) {
-    __shared__ F sh[8][NS][CW];
-    const int s = threadIdx.y, x = threadIdx.x;
-    auto put = [&](St<F> f, St<F> r) {
-        sh[0][s][x] = f.r; sh[1][s][x] = f.n; sh[2][s][x] = f.a; sh[3][s][x] = f.b;
-        sh[4][s][x] = r.r; sh[5][s][x] = r.n; sh[6][s][x] = r.a; sh[7][s][x] = r.b;
+// One direction of the block scan. x: this sub-chunk's own summary (FWD: of its tokens left to right, weighted
+// toward its right end; else the mirror image), carry: the state entering the chunk from that side. Returns the
+// state entering this sub-chunk from that side; total gets the whole chunk's summary. sh: [6][NS][CW] scratch.
+template <typename F, bool D, bool FWD>
+__device__ St<F> block_scan(St<F> x, St<F> carry, F w, int cs, int T, F *sh, St<F> &total) {
+    const int s = threadIdx.y, c = threadIdx.x;
+    auto at = [&](int v, int i) -> F & { return sh[(v * NS + i) * CW + c]; };
+    auto put = [&](St<F> q) {
+        at(0, s) = q.r; at(1, s) = q.n; at(2, s) = q.a; at(3, s) = q.b;
+        if (D) { at(4, s) = q.a2; at(5, s) = q.b2; }
     };
-    auto getf = [&](int i) { return St<F>{sh[0][i][x], sh[1][i][x], sh[2][i][x], sh[3][i][x]}; };
-    auto getr = [&](int i) { return St<F>{sh[4][i][x], sh[5][i][x], sh[6][i][x], sh[7][i][x]}; };
-    put(fw, rv);
+    auto get = [&](int i) {
+        St<F> q{at(0, i), at(1, i), at(2, i), at(3, i), F(0), F(0)};
+        if (D) { q.a2 = at(4, i); q.b2 = at(5, i); }
+        return q;
+    };
+    put(x);
     __syncthreads();
     for (int d = 1; d < NS; d <<= 1) {
-        St<F> lf = empty<F>(), rr = empty<F>();
-        if (s >= d) lf = getf(s - d);
-        if (s + d < NS) rr = getr(s + d);
+        const int o = FWD ? s - d : s + d;
+        const bool has = FWD ? o >= 0 : o < NS;
+        St<F> older = has ? get(o) : empty<F>();
         __syncthreads();
-        if (s >= d) fw = merge(lf, F(tokens(max(s - d + 1, 0), s, cs, T)), fw, w);
-        if (s + d < NS) rv = merge(rr, F(tokens(s, s + d - 1, cs, T)), rv, w);
-        put(fw, rv);
+        if (has) x = merge<F, D>(older, F(FWD ? tokens(s - d + 1, s, cs, T) : tokens(s, s + d - 1, cs, T)), x, w);
+        put(x);
         __syncthreads();
     }
-    tf = getf(NS - 1);
-    tr = getr(0);
-    fw = s == 0 ? cf : merge(cf, F(tokens(0, s - 1, cs, T)), getf(s - 1), w);
-    rv = s == NS - 1 ? cr : merge(cr, F(tokens(s + 1, NS - 1, cs, T)), getr(s + 1), w);
+    total = get(FWD ? NS - 1 : 0);
+    St<F> in = carry;
+    if (FWD ? s > 0 : s < NS - 1)
+        in = merge<F, D>(carry, F(FWD ? tokens(0, s - 1, cs, T) : tokens(s + 1, NS - 1, cs, T)),
+                         get(FWD ? s - 1 : s + 1), w);
     __syncthreads();
+    return in;
 }
 
-// the sub-chunk's own forward and reverse summaries of keys `key` and values (va, vb)
-template <typename F>
-__device__ __forceinline__ void summaries(const F *key, const F *va, const F *vb, int len, F w, St<F> &fw, St<F> &rv) {
+// Summarise this thread's tokens (keys `key`, values va, vb) both ways and scan the summaries across the block.
+// With `carries` (the chunk's incoming states) fw, rv come back as the states entering this sub-chunk from the
+// left and from the right; with `totals` the chunk's two summaries are stored.
+template <typename F, bool D>
+__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, const Tile &q, F w, int T, int C,
+                                           const F *carries, F *totals, F *sh, St<F> &fw, St<F> &rv) {
     fw = empty<F>();
     rv = empty<F>();
 #pragma unroll
     for (int p = 0; p < LT; ++p)
-        if (p < len) push(fw, w, key[p], va[p], vb[p]);
+        if (p < q.len) push<F, D>(fw, w, key[p], va[p], vb[p]);
 #pragma unroll
     for (int p = LT - 1; p >= 0; --p)
-        if (p < len) push(rv, w, key[p], va[p], vb[p]);
-}
-
-// Summarise this thread's tokens and scan the summaries across the block. With `carries` (the chunk's incoming
-// states) fw, rv come back as the states entering this sub-chunk; with `totals` the chunk's summaries are stored.
-template <typename F>
-__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, const Tile &q, F w, int T, int C,
-                                           const F *carries, F *totals, St<F> &fw, St<F> &rv) {
-    summaries(key, va, vb, q.len, w, fw, rv);
+        if (p < q.len) push<F, D>(rv, w, key[p], va[p], vb[p]);
     St<F> cf = empty<F>(), cr = empty<F>(), tf, tr;
     if (carries && q.live) {
-        cf = load_state(carries, q.row, 0, C, q.c);
-        cr = load_state(carries, q.row, 1, C, q.c);
+        cf = load_state<F, D>(carries, q.row, 0, C, q.c);
+        cr = load_state<F, D>(carries, q.row, 1, C, q.c);
     }
-    block_scan(fw, rv, cf, cr, w, q.cs, T, tf, tr);
+    fw = block_scan<F, D, true>(fw, cf, w, q.cs, T, sh, tf);
+    rv = block_scan<F, D, false>(rv, cr, w, q.cs, T, sh, tr);
     if (totals && q.s == 0 && q.live) {
-        store_state(totals, q.row, 0, C, q.c, tf);
-        store_state(totals, q.row, 1, C, q.c, tr);
+        store_state<F, D>(totals, q.row, 0, C, q.c, tf);
+        store_state<F, D>(totals, q.row, 1, C, q.c, tr);
     }
 }
 
-// y, v - y and log Z at one token from the exclusive forward state A (exponent ma), reverse state C (exponent mc)
-// and the bonus term; v - y is formed without the bonus token, so it does not cancel when that token dominates
 template <typename F>
-__device__ __forceinline__ void output(F ma, F aa, F ab, F mc, F ca, F cb, F uk, F v, F &y, F &vy, F &logz) {
-    F M = fmax(fmax(ma, mc), uk);
-    F eA = ex(ma - M), eC = ex(mc - M), eU = ex(uk - M);
-    F others = ab * eA + cb * eC, den = others + eU, num = aa * eA + ca * eC;
-    y = (num + v * eU) / den;
-    vy = (v * others - num) / den;
-    logz = M + lg(den);
+__device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Tile &q, int C, F *dst, F shift = F(0)) {
+#pragma unroll
+    for (int p = 0; p < LT; ++p)
+        dst[p] = q.live && p < q.len ? src[q.off + (long long)p * C] - shift : F(0);
 }
 
+// APPLY = false: write each chunk's summaries into S. APPLY = true: S holds the carries; write y and log Z
+// (relative to k[b, 0, c], like the keys).
 template <typename F, bool APPLY>
-__global__ void __launch_bounds__(CW * NS)
+__global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
-            const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_) {
+            const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
+    __shared__ F sh[6 * NS * CW];
     Tile q = tile(B, T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
     F kk[LT], vv[LT], one[LT];
+    load_tokens(k_, q, C, kk, k0);
+    load_tokens(v_, q, C, vv);
 #pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        bool ok = q.live && p < q.len;
-        kk[p] = ok ? k_[q.off + (long long)p * C] - k0 : F(0);
-        vv[p] = ok ? v_[q.off + (long long)p * C] : F(0);
-        one[p] = F(1);
-    }
+    for (int p = 0; p < LT; ++p) one[p] = F(1);
     St<F> fw, rv;
-    chunk_scan(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, fw, rv);
+    chunk_scan<F, false>(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, sh, fw, rv);
     if (!APPLY) return;
     F cm[LT], ca[LT], cb[LT];
     St<F> st = rv;
@@ -207,124 +226,113 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
     for (int p = LT - 1; p >= 0; --p)
         if (p < q.len) {
             cm[p] = expo(st, w); ca[p] = st.a; cb[p] = st.b;
-            push(st, w, kk[p], vv[p], F(1));
+            push<F, false>(st, w, kk[p], vv[p], F(1));
         }
     st = fw;
 #pragma unroll
     for (int p = 0; p < LT; ++p)
         if (p < q.len) {
-            F y, vy, logz;
-            output(expo(st, w), st.a, st.b, cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy, logz);
-            if (q.live) y_[q.off + (long long)p * C] = y;
-            push(st, w, kk[p], vv[p], F(1));
+            // y from the exclusive left state, the exclusive right state and the bonus term, all scaled by e^-M
+            F ma = expo(st, w), uk = u + kk[p];
+            F M = fmax(fmax(ma, cm[p]), uk);
+            F eA = ex(ma - M), eC = ex(cm[p] - M), eU = ex(uk - M);
+            F den = st.b * eA + cb[p] * eC + eU;
+            if (q.live) {
+                y_[q.off + (long long)p * C] = (st.a * eA + ca[p] * eC + vv[p] * eU) / den;
+                logz_[q.off + (long long)p * C] = M + lg(den);
+            }
+            push<F, false>(st, w, kk[p], vv[p], F(1));
         }
 }
 
-template <typename F>
+template <typename F, bool D>
 __global__ void wkv_carry(int B, int T, int C, const F *__restrict__ w_, F *__restrict__ S) {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)B * C) return;
-    const int b = idx / C, c = idx % C;
+    if (idx >= 2LL * B * C) return;
+    const int c = idx % C, b = (idx / C) % B, dir = idx / ((long long)B * C);
     const int nchunk = (T + BL - 1) / BL;
     const F w = w_[c];
     St<F> run = empty<F>();
-    for (int j = 0; j < nchunk; ++j) {
-        long long row = (long long)b * nchunk + j;
-        St<F> sf = load_state(S, row, 0, C, c);
-        store_state(S, row, 0, C, c, run);
-        run = merge(run, F(min(BL, T - j * BL)), sf, w);
-    }
-    run = empty<F>();
-    for (int j = nchunk - 1; j >= 0; --j) {
-        long long row = (long long)b * nchunk + j;
-        St<F> sr = load_state(S, row, 1, C, c);
-        store_state(S, row, 1, C, c, run);
-        run = merge(run, F(min(BL, T - j * BL)), sr, w);
+    // eight chunks' summaries are loaded before any is used, so their reads overlap
+    for (int j0 = 0; j0 < nchunk; j0 += 8) {
+        St<F> sum[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (j0 + i < nchunk) {
+                int j = dir ? nchunk - 1 - (j0 + i) : j0 + i;
+                sum[i] = load_state<F, D>(S, (long long)b * nchunk + j, dir, C, c);
+            }
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (j0 + i < nchunk) {
+                int j = dir ? nchunk - 1 - (j0 + i) : j0 + i;
+                store_state<F, D>(S, (long long)b * nchunk + j, dir, C, c, run);
+                run = merge<F, D>(run, F(min(BL, T - j * BL)), sum[i], w);
+            }
     }
 }
 
 // APPLY = false: write each chunk's gradient summaries into G. APPLY = true: G holds the gradient carries;
 // write gk, gv and per-chunk partial sums of gw, gu into gw_, gu_ ((B, nchunk, C), summed by the caller).
 template <typename F, bool APPLY>
-__global__ void __launch_bounds__(CW * NS)
+__global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
 wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
-             const F *__restrict__ v_, const F *__restrict__ gy_, const F *__restrict__ S, F *__restrict__ G,
-             F *__restrict__ gk_, F *__restrict__ gv_, F *__restrict__ gw_, F *__restrict__ gu_) {
+             const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
+             const F *__restrict__ gy_, F *__restrict__ G, F *__restrict__ gk_, F *__restrict__ gv_,
+             F *__restrict__ gw_, F *__restrict__ gu_) {
+    __shared__ F sh[6 * NS * CW];
     Tile q = tile(B, T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
-    const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
-    F kk[LT], vv[LT], gg[LT], one[LT];
+    F ka[LT], gg[LT], yy[LT], gyy[LT];
+    load_tokens(logz_, q, C, ka);
+    load_tokens(gy_, q, C, gg);
+    load_tokens(y_, q, C, yy);
 #pragma unroll
     for (int p = 0; p < LT; ++p) {
-        bool ok = q.live && p < q.len;
-        kk[p] = ok ? k_[q.off + (long long)p * C] - k0 : F(0);
-        vv[p] = ok ? v_[q.off + (long long)p * C] : F(0);
-        gg[p] = ok ? gy_[q.off + (long long)p * C] : F(0);
-        one[p] = F(1);
+        ka[p] = -ka[p];
+        gyy[p] = gg[p] * yy[p];
     }
     St<F> fw, rv;
-    chunk_scan(kk, vv, one, q, w, T, C, S, (F *)nullptr, fw, rv);
-    // the forward pass again: A from the left per token, then C from the right with kappa = -log Z, gy y, v - y
-    F am[LT], aa[LT], ab[LT], cm[LT], ca[LT], cb[LT], ka[LT], gyy[LT], vy[LT];
-    St<F> st = fw;
-#pragma unroll
-    for (int p = 0; p < LT; ++p)
-        if (p < q.len) {
-            am[p] = expo(st, w); aa[p] = st.a; ab[p] = st.b;
-            push(st, w, kk[p], vv[p], F(1));
-        }
-    st = rv;
-#pragma unroll
-    for (int p = LT - 1; p >= 0; --p) {
-        ka[p] = F(0); gyy[p] = F(0); vy[p] = F(0);
-        if (p < q.len) {
-            cm[p] = expo(st, w); ca[p] = st.a; cb[p] = st.b;
-            F y, logz;
-            output(am[p], aa[p], ab[p], cm[p], ca[p], cb[p], u + kk[p], vv[p], y, vy[p], logz);
-            ka[p] = -logz;
-            gyy[p] = gg[p] * y;
-            push(st, w, kk[p], vv[p], F(1));
-        }
-    }
-    chunk_scan(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, fw, rv);
+    chunk_scan<F, true>(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, sh, fw, rv);
     if (!APPLY) return;
-    // reverse gradient scan G>: the A/B half of gw, the right-hand part of gk, gv (kept in aa, ab) and gu
+    const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
+    F kk[LT], vv[LT], pk[LT], pv[LT];
+    load_tokens(k_, q, C, kk, k0);
+    load_tokens(v_, q, C, vv);
+    // from the right first: its part of gk, gv (kept in pk, pv), the bonus terms, and gu; then from the left
     F gw = 0, gu = 0;
-    st = rv;
+    St<F> st = rv;
 #pragma unroll
     for (int p = LT - 1; p >= 0; --p)
         if (p < q.len) {
-            F mg = expo(st, w);
-            gw += ex(am[p] + mg - w) * (aa[p] * st.a - ab[p] * st.b);
-            F ek = ex(kk[p] + mg), eb = ex(u + kk[p] + ka[p]) * gg[p];
-            gu += eb * vy[p];
-            aa[p] = ek * (vv[p] * st.a - st.b) + eb * vy[p];
-            ab[p] = ek * st.a + eb;
-            push(st, w, ka[p], gg[p], gyy[p]);
+            F e = ex(kk[p] + expo(st, w)), eb = ex(u + kk[p] + ka[p]) * gg[p], vy = vv[p] - yy[p];
+            pk[p] = e * (vv[p] * st.a - st.b) + eb * vy;
+            pv[p] = e * st.a + eb;
+            gw += e * (vv[p] * st.a2 - st.b2);
+            gu += eb * vy;
+            push<F, true>(st, w, ka[p], gg[p], gyy[p]);
         }
-    // forward gradient scan G<: the C/D half of gw, and the outputs
     st = fw;
 #pragma unroll
     for (int p = 0; p < LT; ++p)
         if (p < q.len) {
-            F mg = expo(st, w);
-            gw += ex(cm[p] + mg - w) * (ca[p] * st.a - cb[p] * st.b);
-            F ek = ex(kk[p] + mg);
+            F e = ex(kk[p] + expo(st, w));
+            gw += e * (vv[p] * st.a2 - st.b2);
             if (q.live) {
-                gk_[q.off + (long long)p * C] = aa[p] + ek * (vv[p] * st.a - st.b);
-                gv_[q.off + (long long)p * C] = ab[p] + ek * st.a;
+                gk_[q.off + (long long)p * C] = pk[p] + e * (vv[p] * st.a - st.b);
+                gv_[q.off + (long long)p * C] = pv[p] + e * st.a;
             }
-            push(st, w, ka[p], gg[p], gyy[p]);
+            push<F, true>(st, w, ka[p], gg[p], gyy[p]);
         }
-    __shared__ F red[2][NS][CW];
-    red[0][q.s][threadIdx.x] = gw;
-    red[1][q.s][threadIdx.x] = gu;
+    F *red = sh;  // [2][NS][CW], free again after chunk_scan
+    red[q.s * CW + threadIdx.x] = gw;
+    red[(NS + q.s) * CW + threadIdx.x] = gu;
     __syncthreads();
     if (q.s == 0 && q.live) {
         F sw = 0, su = 0;
         for (int i = 0; i < NS; ++i) {
-            sw += red[0][i][threadIdx.x];
-            su += red[1][i][threadIdx.x];
+            sw += red[i * CW + threadIdx.x];
+            su += red[(NS + i) * CW + threadIdx.x];
         }
         gw_[q.row * C + q.c] = -sw;
         gu_[q.row * C + q.c] = su;
