@@ -235,15 +235,20 @@ def init_hypernet(gen, ctx_dims, hidden, u_rows, v_rows, rank, n_gates):
                       'b': torch.cat([head_u['b'], head_v['b'], torch.zeros(n_gates)])}}
 
 
+def hyper_heads(out, u_rows, v_rows, n_gates):
+    """The heads' output (B, rows) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
+    rank = (out.shape[1] - n_gates) // (u_rows + v_rows)
+    u, v, gate = out.split([u_rows * rank, v_rows * rank, n_gates], dim=1)
+    return u.unflatten(1, (u_rows, rank)), v.unflatten(1, (v_rows, rank)), torch.tanh(gate)
+
+
 def hypernet(h, ctx, u_rows, v_rows, n_gates):
     """ctx (B, ctx_dims) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
     ctx_dims = h['compressor']['lin']['w'].shape[1]
     if ctx.dim() != 2 or ctx.shape[1] != ctx_dims:
         raise ValueError(f"ctx: expected a context of shape (B, {ctx_dims}), got {tuple(ctx.shape)}")
     c = F.silu(layer_norm(h['compressor']['ln'], linear(h['compressor']['lin'], ctx)))  # (B, hidden)
-    rank = (h['heads']['w'].shape[0] - n_gates) // (u_rows + v_rows)
-    u, v, gate = linear(h['heads'], c).split([u_rows * rank, v_rows * rank, n_gates], dim=1)
-    return u.unflatten(1, (u_rows, rank)), v.unflatten(1, (v_rows, rank)), torch.tanh(gate)
+    return hyper_heads(linear(h['heads'], c), u_rows, v_rows, n_gates)
 
 
 def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_CTX_HIDDEN):
@@ -256,14 +261,18 @@ def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_
             'hyper': init_hypernet(gen, ctx_dims, hidden, out_dims, in_dims, rank, 1)}
 
 
+def lora(p, x, u, v, gate):
+    """x (B, In) -> x W^T + b + gate·scale·U (V^T x) (B, Out), scale = 1/sqrt(In·r), never forming U V^T."""
+    delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
+    return torch.addcmul(linear(p, x), gate, delta, value=(x.shape[1] * u.shape[-1]) ** -0.5)
+
+
 def hyper_lora_linear(p, x, ctx):
     """x (B, In), ctx (B, ctx_dims) -> x W_t^T + b (B, Out), W_t = W + gate·scale·U V^T, never forming W_t."""
     out_dims, in_dims = p['w'].shape
     if x.dim() != 2 or x.shape[1] != in_dims or x.shape[0] != ctx.shape[0]:
         raise ValueError(f"x: expected (B, {in_dims}) with the context's B = {ctx.shape[0]}, got {tuple(x.shape)}")
-    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
-    delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
-    return torch.addcmul(linear(p, x), gate, delta, value=(in_dims * u.shape[-1]) ** -0.5)
+    return lora(p, x, *hypernet(p['hyper'], ctx, out_dims, in_dims, 1))
 
 
 def hyper_lora_dense_weight(p, ctx):
@@ -271,11 +280,6 @@ def hyper_lora_dense_weight(p, ctx):
     out_dims, in_dims = p['w'].shape
     u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
     return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * (in_dims * u.shape[-1]) ** -0.5
-
-
-def plastic_linear(p, x, ctx):
-    """A Linear that is plastic when its dict carries a hypernetwork (HyperSynapseUNET's selected layers)."""
-    return hyper_lora_linear(p, x, ctx) if 'hyper' in p else linear(p, x)
 
 
 def init_hyper_super_linear(gen, in_dims, out_dims, n, rank, ctx_dims, do_norm=False, hidden=HYPER_NLM_CTX_HIDDEN):
@@ -348,18 +352,60 @@ def init_synapse_unet(gen, d_in, d_model, depth, hyper_layers='none', hyper_rank
             'skip_ln': [init_layer_norm(widths[i]) for i in range(depth - 1)]}
 
 
-def synapse_unet(p, x, rate=0.0, train=False):
-    """pre_synapse_input (B, d_input + d_model) -> state (B, d_model)."""
+def synapse_hyper_layers(p):
+    """HyperSynapseUNET's plastic Linears, in the order synapse_unet applies them."""
+    levels = [p['first'], *p.get('down', []), *reversed(p.get('up', []))]
+    return [level['lin'] for level in levels if 'hyper' in level['lin']]
+
+
+def synapse_hypernets(p):
+    """Every hypernetwork of a HyperSynapseUNET reads the same pre_synapse_input, so they run as one (None without
+    hyper layers): their φ Linears stacked row-wise, their LayerNorms as one GroupNorm (a group per hypernetwork),
+    their heads as one batched matmul when all have one shape (the two bottleneck Linears do; else 'heads' is
+    None and each runs its own). ctm_think stacks once per forward, outside the tick loop, as it does the attention
+    keys: a tick is launch-bound, and one wide matmul (with one gradient accumulation per tensor) costs what one
+    narrow one does."""
+    hypers = [lin['hyper'] for lin in synapse_hyper_layers(p)]
+    if not hypers:
+        return None
+    heads = [h['heads'] for h in hypers]
+    same = all(q['w'].shape == heads[0]['w'].shape for q in heads)
+    return {'lin': {k: torch.cat([h['compressor']['lin'][k] for h in hypers]) for k in ('w', 'b')},
+            'norm': {k: torch.cat([h['compressor']['ln'][k] for h in hypers]) for k in ('w', 'b')},
+            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('w', 'b')} if same else None}
+
+
+def synapse_plastic_weights(p, hypernets, x):
+    """pre_synapse_input x (B, ctx_dims) -> (U, V, gate) of every hyper Linear, in synapse_hyper_layers' order."""
+    hyper = synapse_hyper_layers(p)
+    n = len(hyper)
+    c = F.silu(F.group_norm(linear(hypernets['lin'], x), n, hypernets['norm']['w'], hypernets['norm']['b']))
+    if hypernets['heads'] is not None:
+        cs = rearrange(c, 'b (n h) -> n b h', n=n)
+        outs = torch.baddbmm(hypernets['heads']['b'][:, None], cs, hypernets['heads']['w'].transpose(1, 2)).unbind(0)
+    else:
+        outs = [linear(lin['hyper']['heads'], ci) for lin, ci in zip(hyper, c.chunk(n, dim=1))]
+    return [hyper_heads(out, *lin['w'].shape, 1) for lin, out in zip(hyper, outs)]
+
+
+def synapse_unet(p, x, rate=0.0, train=False, hypernets=None):
+    """pre_synapse_input (B, d_input + d_model) -> state (B, d_model). hypernets: synapse_hypernets(p), if the
+    caller has stacked them already."""
+    hyper = synapse_hyper_layers(p)
+    if hyper and hypernets is None:
+        hypernets = synapse_hypernets(p)
+    plastic = iter(synapse_plastic_weights(p, hypernets, x) if hyper else ())
+    lin = lambda q, h: lora(q, h, *next(plastic)) if 'hyper' in q else linear(q, h)
     if 'down' not in p:
-        return layer_norm(p['first']['ln'], glu(plastic_linear(p['first']['lin'], dropout(x, rate, train), x)))
-    outs_down = [F.silu(layer_norm(p['first']['ln'], plastic_linear(p['first']['lin'], x, x)))]
+        return layer_norm(p['first']['ln'], glu(lin(p['first']['lin'], dropout(x, rate, train))))
+    outs_down = [F.silu(layer_norm(p['first']['ln'], lin(p['first']['lin'], x)))]
     for block in p['down']:
-        h = plastic_linear(block['lin'], dropout(outs_down[-1], rate, train), x)
+        h = lin(block['lin'], dropout(outs_down[-1], rate, train))
         outs_down.append(F.silu(layer_norm(block['ln'], h)))
     out = outs_down[-1]
     for i in reversed(range(len(p['up']))):
         block = p['up'][i]
-        up = F.silu(layer_norm(block['ln'], plastic_linear(block['lin'], dropout(out, rate, train), x)))
+        up = F.silu(layer_norm(block['ln'], lin(block['lin'], dropout(out, rate, train))))
         out = layer_norm(p['skip_ln'][i], up + outs_down[i])
     return out
 
@@ -621,6 +667,7 @@ def ctm_think(params, buffers, kv, cfg, train=False):
     _, alpha_out, beta_out = synchronisation(activated_state, None, None, r_out, *pairs_out)
     alpha_action = beta_action = None
     keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
+    hypernets = synapse_hypernets(params['synapses'])
     predictions, certainties = [], []
     for _ in range(cfg.iterations):
         sync_action, alpha_action, beta_action = synchronisation(activated_state, alpha_action, beta_action,
@@ -628,7 +675,7 @@ def ctm_think(params, buffers, kv, cfg, train=False):
         q = linear(params['q_proj'], sync_action)[:, None]  # (B, 1, d_input)
         attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
         pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)  # (B, d_input + D)
-        state = synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train)  # (B, D)
+        state = synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train, hypernets)  # (B, D)
         trace = torch.cat([trace[..., 1:], state[..., None]], dim=-1)
         activated_state = nlm(params['nlm'], trace, activated_state, cfg, train)
         sync_out, alpha_out, beta_out = synchronisation(activated_state, alpha_out, beta_out, r_out, *pairs_out)

@@ -569,7 +569,9 @@ def open_gates(p, seed):
 
 
 def to_double(tree):
-    return {k: to_double(v) if isinstance(v, dict) else v.double() for k, v in tree.items()}
+    if isinstance(tree, dict):
+        return {k: to_double(v) for k, v in tree.items()}
+    return [to_double(v) for v in tree] if isinstance(tree, list) else tree.double()
 
 
 def per_sample_jacobian(fn, x, ctx):
@@ -745,6 +747,50 @@ def open_all_gates(tree, seed):
     for child in (tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else ()):
         open_all_gates(child, seed + 1)
     return tree
+
+
+def hand_hyper_unet(p, x, rank):
+    """HyperSynapseUNET written out layer by layer, each hyper Linear from its own hand_hypernet(pre_synapse_input):
+    the oracle for synapse_unet's stacked hypernetworks (which must hand each layer its own φ and heads)."""
+    def lin(q, h):
+        y = h @ q['w'].t() + q['b']
+        if 'hyper' not in q:
+            return y
+        u, v, gate = hand_hypernet(q['hyper'], x, q['w'].shape[0], q['w'].shape[1], rank)
+        return y + gate * torch.einsum('bor,bir,bi->bo', u, v, h) / math.sqrt(q['w'].shape[1] * rank)
+    ln = lambda q, h: F.layer_norm(h, h.shape[-1:], q['w'], q['b'])
+    if 'down' not in p:
+        return ln(p['first']['ln'], F.glu(lin(p['first']['lin'], x)))
+    outs = [F.silu(ln(p['first']['ln'], lin(p['first']['lin'], x)))]
+    for q in p['down']:
+        outs.append(F.silu(ln(q['ln'], lin(q['lin'], outs[-1]))))
+    out = outs[-1]
+    for i in reversed(range(len(p['up']))):
+        out = ln(p['skip_ln'][i], F.silu(ln(p['up'][i]['ln'], lin(p['up'][i]['lin'], out))) + outs[i])
+    return out
+
+
+@settings(max_examples=10)
+@given(hyper_layers=st.sampled_from(['none', 'bottleneck', 'down', 'up', 'all']), depth=st.integers(1, 4),
+       rank=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers, depth, rank, seed):
+    if depth == 1 and hyper_layers not in ('none', 'all'):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    p = to_double(plastic.init_synapse_unet(gen, 7, 20, depth, hyper_layers, rank))
+    open_all_gates(p, seed)
+    for q in plastic.synapse_hyper_layers(p):  # distinct φ LayerNorms, so that a swapped context would show
+        q['hyper']['compressor']['ln'] = {k: torch.randn(16, generator=gen, dtype=torch.float64) for k in 'wb'}
+    x = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    expect = hand_hyper_unet(p, x, rank)
+    torch.testing.assert_close(plastic.synapse_unet(p, x), expect)
+    stacked = plastic.synapse_hypernets(p)
+    torch.testing.assert_close(plastic.synapse_unet(p, x, hypernets=stacked), expect)
+    assert (stacked is None) == (hyper_layers == 'none')
+    if hyper_layers == 'bottleneck' or (hyper_layers in ('down', 'up') and depth == 2):
+        assert stacked['heads'] is not None  # the two bottleneck Linears share a shape: one batched matmul
+    if hyper_layers in ('down', 'up', 'all') and depth >= 3:
+        assert stacked['heads'] is None
 
 
 def expected_plastic_layers(hyper_layers, use_hyper_nlm, deep, d_in, d_model, depth):

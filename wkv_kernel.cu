@@ -44,8 +44,11 @@ template <typename F> struct St { F r, n, a, b, a2, b2; };
 
 __device__ __forceinline__ float ex(float x) { return __expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
-__device__ __forceinline__ float lg(float x) { return logf(x); }
+// y = num / den and log den with den in [1, T + 1]: the fast float intrinsics are within a few ulp there
+__device__ __forceinline__ float lg(float x) { return __logf(x); }
 __device__ __forceinline__ double lg(double x) { return log(x); }
+__device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }
+__device__ __forceinline__ double dv(double x, double y) { return x / y; }
 
 // "minus infinity" that stays finite under the few additions a state sees, so no inf - inf appears
 template <typename F> __device__ __forceinline__ St<F> empty() {
@@ -238,7 +241,7 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
             F eA = ex(ma - M), eC = ex(cm[p] - M), eU = ex(uk - M);
             F den = st.b * eA + cb[p] * eC + eU;
             if (q.live) {
-                y_[q.off + (long long)p * C] = (st.a * eA + ca[p] * eC + vv[p] * eU) / den;
+                y_[q.off + (long long)p * C] = dv(st.a * eA + ca[p] * eC + vv[p] * eU, den);
                 logz_[q.off + (long long)p * C] = M + lg(den);
             }
             push<F, false>(st, w, kk[p], vv[p], F(1));
