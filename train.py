@@ -764,10 +764,13 @@ def run_ctm(args):
         lead = rank == 0  # the other ranks only train
         run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
                  args.save_every, args.track_every if lead else 0, eval_fn, metrics_log if lead else None)
+        if world > 1:  # rank 0 may still be saving: every rank leaves together
+            torch.distributed.barrier(**({'device_ids': [device.index]} if device.type == 'cuda' else {}))
     finally:
         if workers is not None:
             workers.shutdown(cancel_futures=True)
         if world > 1:
+            train_step = None  # a captured graph holds NCCL work: free it before its communicator
             torch.distributed.destroy_process_group()
 
 
