@@ -25,7 +25,7 @@
 //   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
 //                    states, in place,
 //   wkv_forward<F, true> / wkv_backward<F, true>: each chunk again from its incoming states; write the outputs.
-// Inside a block the sub-chunk summaries are combined by a Hillis-Steele scan in shared memory.
+// Inside a block one warp per direction walks the sub-chunk summaries in shared memory (block_scan).
 
 #ifndef LT
 #define LT 8
@@ -33,8 +33,8 @@
 #ifndef NS
 #define NS 16
 #endif
-#ifndef MIN_BLOCKS
-#define MIN_BLOCKS 1
+#ifndef MIN_BLOCKS  // blocks per SM the register budget must allow: 2 caps float kernels at 64 registers
+#define MIN_BLOCKS 2
 #endif
 #define CW 32
 #define BL (LT * NS)
@@ -135,40 +135,46 @@ __device__ __forceinline__ int tokens(int lo, int hi, int cs, int T) {
     return max(0, min((hi - lo + 1) * LT, T - (cs + lo * LT)));
 }
 
-// One direction of the block scan. x: this sub-chunk's own summary (FWD: of its tokens left to right, weighted
-// toward its right end; else the mirror image), carry: the state entering the chunk from that side. Returns the
-// state entering this sub-chunk from that side; total gets the whole chunk's summary. sh: [6][NS][CW] scratch.
-template <typename F, bool D, bool FWD>
-__device__ St<F> block_scan(St<F> x, St<F> carry, F w, int cs, int T, F *sh, St<F> &total) {
+// The block scan: every sub-chunk's two summaries go to shared memory; warp 0 walks them left to right and warp 1
+// right to left (CW channels each, one per lane), replacing each by the state entering that sub-chunk, starting from
+// the states entering the chunk (cf, cr). A serial walk merges NS times per direction, where a parallel
+// (Hillis-Steele) scan would merge NS log2(NS) times: the kernels are instruction-bound. On return fw, rv are the
+// states entering this thread's sub-chunk; warp 0 holds the chunk's forward summary in tf, warp 1 the reverse in tr.
+// sh: [2][NV][NS][CW] scratch, NV = 6 (D) or 4.
+template <typename F, bool D>
+__device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs, int T, F *sh, St<F> &tf,
+                           St<F> &tr) {
+    constexpr int NV = D ? 6 : 4;
     const int s = threadIdx.y, c = threadIdx.x;
-    auto at = [&](int v, int i) -> F & { return sh[(v * NS + i) * CW + c]; };
-    auto put = [&](St<F> q) {
-        at(0, s) = q.r; at(1, s) = q.n; at(2, s) = q.a; at(3, s) = q.b;
-        if (D) { at(4, s) = q.a2; at(5, s) = q.b2; }
+    auto put = [&](int dir, int i, St<F> q) {
+        F *p = sh + ((dir * NV) * NS + i) * CW + c;
+        p[0] = q.r; p[NS * CW] = q.n; p[2 * NS * CW] = q.a; p[3 * NS * CW] = q.b;
+        if (D) { p[4 * NS * CW] = q.a2; p[5 * NS * CW] = q.b2; }
     };
-    auto get = [&](int i) {
-        St<F> q{at(0, i), at(1, i), at(2, i), at(3, i), F(0), F(0)};
-        if (D) { q.a2 = at(4, i); q.b2 = at(5, i); }
+    auto get = [&](int dir, int i) {
+        const F *p = sh + ((dir * NV) * NS + i) * CW + c;
+        St<F> q{p[0], p[NS * CW], p[2 * NS * CW], p[3 * NS * CW], F(0), F(0)};
+        if (D) { q.a2 = p[4 * NS * CW]; q.b2 = p[5 * NS * CW]; }
         return q;
     };
-    put(x);
+    put(0, s, fw);
+    put(1, s, rv);
     __syncthreads();
-    for (int d = 1; d < NS; d <<= 1) {
-        const int o = FWD ? s - d : s + d;
-        const bool has = FWD ? o >= 0 : o < NS;
-        St<F> older = has ? get(o) : empty<F>();
-        __syncthreads();
-        if (has) x = merge<F, D>(older, F(FWD ? tokens(s - d + 1, s, cs, T) : tokens(s, s + d - 1, cs, T)), x, w);
-        put(x);
-        __syncthreads();
+    if (s < 2) {
+        const int dir = s;
+        St<F> run = dir ? cr : cf;
+        for (int j = 0; j < NS; ++j) {
+            const int i = dir ? NS - 1 - j : j;
+            St<F> own = get(dir, i);
+            put(dir, i, run);
+            run = merge<F, D>(run, F(tokens(i, i, cs, T)), own, w);
+        }
+        (dir ? tr : tf) = run;
     }
-    total = get(FWD ? NS - 1 : 0);
-    St<F> in = carry;
-    if (FWD ? s > 0 : s < NS - 1)
-        in = merge<F, D>(carry, F(FWD ? tokens(0, s - 1, cs, T) : tokens(s + 1, NS - 1, cs, T)),
-                         get(FWD ? s - 1 : s + 1), w);
     __syncthreads();
-    return in;
+    fw = get(0, s);
+    rv = get(1, s);
+    __syncthreads();
 }
 
 // Summarise this thread's tokens (keys `key`, values va, vb) both ways and scan the summaries across the block.
@@ -190,12 +196,9 @@ __device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *v
         cf = load_state<F, D>(carries, q.row, 0, C, q.c);
         cr = load_state<F, D>(carries, q.row, 1, C, q.c);
     }
-    fw = block_scan<F, D, true>(fw, cf, w, q.cs, T, sh, tf);
-    rv = block_scan<F, D, false>(rv, cr, w, q.cs, T, sh, tr);
-    if (totals && q.s == 0 && q.live) {
-        store_state<F, D>(totals, q.row, 0, C, q.c, tf);
-        store_state<F, D>(totals, q.row, 1, C, q.c, tr);
-    }
+    block_scan<F, D>(fw, rv, cf, cr, w, q.cs, T, sh, tf, tr);
+    if (totals && q.s < 2 && q.live)
+        store_state<F, D>(totals, q.row, q.s, C, q.c, q.s ? tr : tf);
 }
 
 template <typename F>
@@ -211,7 +214,7 @@ template <typename F, bool APPLY>
 __global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
             const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
-    __shared__ F sh[6 * NS * CW];
+    __shared__ F sh[12 * NS * CW];
     Tile q = tile(B, T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
@@ -283,7 +286,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
              const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
              const F *__restrict__ gy_, F *__restrict__ G, F *__restrict__ gk_, F *__restrict__ gv_,
              F *__restrict__ gw_, F *__restrict__ gu_) {
-    __shared__ F sh[6 * NS * CW];
+    __shared__ F sh[12 * NS * CW];
     Tile q = tile(B, T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
     F ka[LT], gg[LT], yy[LT], gyy[LT];
