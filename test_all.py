@@ -787,6 +787,11 @@ def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers,
     stacked = plastic.synapse_hypernets(p)
     torch.testing.assert_close(plastic.synapse_unet(p, x, hypernets=stacked), expect)
     assert (stacked is None) == (hyper_layers == 'none')
+    layers = plastic.synapse_hyper_layers(p)
+    assert len(layers) == len(expected_plastic_layers(hyper_layers, False, True, 7, 20, depth))
+    for lin, got in zip(layers, plastic.synapse_plastic_weights(p, stacked, x) if layers else []):
+        for a, b in zip(got, hand_hypernet(lin['hyper'], x, *lin['w'].shape, rank)):
+            torch.testing.assert_close(a, b)
     if hyper_layers == 'bottleneck' or (hyper_layers in ('down', 'up') and depth == 2):
         assert stacked['heads'] is not None  # the two bottleneck Linears share a shape: one batched matmul
     if hyper_layers in ('down', 'up', 'all') and depth >= 3:
