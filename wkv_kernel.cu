@@ -44,7 +44,8 @@ template <typename F> struct St { F r, n, a, b, a2, b2; };
 
 __device__ __forceinline__ float ex(float x) { return __expf(x); }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
-// y = num / den and log den with den in [1, T + 1]: the fast float intrinsics are within a few ulp there
+// y = num / den and log den with den in [1, T + 1]: the fast intrinsics (__fdividef 2 ulp there, __logf about
+// 2^-21 absolute) keep the kernel's measured error under 1e-6 (README)
 __device__ __forceinline__ float lg(float x) { return __logf(x); }
 __device__ __forceinline__ double lg(double x) { return log(x); }
 __device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }
