@@ -181,7 +181,10 @@ def _wkv_scan_forward(w, u, k, v):
 
 
 class _BiWKVScan(torch.autograd.Function):
-    """O(T) forward and backward scans; the backward is two more Bi-WKV scans (formulas in wkv_kernel.cu)."""
+    """O(T) forward and backward scans; the backward is two more Bi-WKV scans (the gradient formulas are in
+    wkv_kernel.cu's header). Here gw comes from the forward's states instead of distance-weighted sums:
+    gw = -e^{-w} sum_j (A_j G>_j - B_j H>_j + C_j G<_j - D_j H<_j), with A, B (C, D) the forward (reverse)
+    numerator / denominator states and G, H the gradient scan's states over gy_t, gy_t y_t (G = G< + G>)."""
 
     @staticmethod
     def forward(ctx, w, u, k, v):
@@ -239,7 +242,8 @@ def _launch(kernel, blocks, threads, *args):
     """Runs a cupy kernel on torch's current stream; tensors go in as raw device pointers."""
     import cupy
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
+    raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
+                else np.int32(a) for a in args)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device.index), (cupy.cuda.Stream.from_external(stream)
                                           if hasattr(cupy.cuda.Stream, 'from_external')
@@ -260,7 +264,8 @@ class _BiWKVCuda(torch.autograd.Function):
         nchunk = -(-T // (_WKV_LT * _WKV_NS))
         blocks, threads = B * nchunk * -(-C // _WKV_CW), (_WKV_CW, _WKV_NS)
         states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
-        y, log_z = torch.empty_like(k), torch.empty_like(k)
+        y = torch.empty_like(k)
+        log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
         _launch(kern['fwd_sum'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
         _launch(kern['carry'], -(-2 * B * C // 256), (256,), B, T, C, w, states)
         _launch(kern['fwd'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)

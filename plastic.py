@@ -206,9 +206,10 @@ def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
 # A plastic layer's weight follows the thought: W_t = W_base + gate(c) * U(c) V(c)^T with c = φ(context). φ, the
 # context compressor, is Linear -> LayerNorm -> SiLU (the seeds: "a single-layer MLP with Layer Normalization";
 # they do not name the activation, SiLU is the one the synapse U-Net already uses). Three heads read c: U, V and
-# the gate. The product is never formed: y = x W^T + b + gate * scale * U (V^T x) costs O(In·Out + r(In + Out)).
+# the gate, stored as the row blocks of one Linear. The product is never formed: y = x W^T + b + gate * scale *
+# U (V^T x) costs O(In·Out + r(In + Out)).
 #
-# At init the gate head is all zeros, so gate = tanh(0) = 0 and every hyper configuration is exactly the plain
+# At init the gate rows are all zeros, so gate = tanh(0) = 0 and every hyper configuration is exactly the plain
 # CTM. The seeds state no init; we zero the gate rather than the U/V heads because the gate is the knob the NLM
 # seed gives each neuron ("some neurons plastic, others fixed": all start fixed), and with U, V already random the
 # gate's own gradient is non-zero from the first step (zero U/V heads and a zero gate together would never move).
@@ -368,6 +369,8 @@ def synapse_hypernets(p):
     hypers = [lin['hyper'] for lin in synapse_hyper_layers(p)]
     if not hypers:
         return None
+    if len({h['compressor']['ln']['w'].shape for h in hypers}) != 1:
+        raise ValueError('synapse_hypernets: every φ must have one width, so that one GroupNorm can normalise them')
     heads = [h['heads'] for h in hypers]
     same = all(q['w'].shape == heads[0]['w'].shape for q in heads)
     return {'lin': {k: torch.cat([h['compressor']['lin'][k] for h in hypers]) for k in ('w', 'b')},

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import train
@@ -773,6 +773,8 @@ def hand_hyper_unet(p, x, rank):
 @settings(max_examples=10)
 @given(hyper_layers=st.sampled_from(['none', 'bottleneck', 'down', 'up', 'all']), depth=st.integers(1, 4),
        rank=st.integers(1, 3), seed=st.integers(0, 2**16))
+@example(hyper_layers='bottleneck', depth=4, rank=2, seed=1)  # batched heads
+@example(hyper_layers='all', depth=3, rank=2, seed=2)  # heads of different shapes, one matmul each
 def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers, depth, rank, seed):
     if depth == 1 and hyper_layers not in ('none', 'all'):
         return
@@ -796,6 +798,9 @@ def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers,
         assert stacked['heads'] is not None  # the two bottleneck Linears share a shape: one batched matmul
     if hyper_layers in ('down', 'up', 'all') and depth >= 3:
         assert stacked['heads'] is None
+        layers[0]['hyper']['compressor']['ln'] = {k: torch.ones(5) for k in 'wb'}
+        with pytest.raises(ValueError, match='one width'):
+            plastic.synapse_hypernets(p)
 
 
 def expected_plastic_layers(hyper_layers, use_hyper_nlm, deep, d_in, d_model, depth):
@@ -1429,6 +1434,8 @@ def test_wkv_cuda_matches_scan_and_gradcheck(monkeypatch):
     assert max(relative_errors(got, ref)) < 1e-5
     w, u, k, v, _ = wkv_inputs(6, 1, 300, 2, 1.0, 50.0, 5.0, device='cuda')  # float64, 3 chunks
     assert torch.autograd.gradcheck(hpcm.bi_wkv_cuda, [t.requires_grad_() for t in (w, u, k, v)], fast_mode=True)
+    with torch.no_grad():  # no log Z is written then: the same y
+        assert torch.equal(hpcm.bi_wkv_cuda(*inputs[:4]), got[0])
     monkeypatch.delenv('HPCM_WKV', raising=False)
     calls, kernel = [], hpcm.bi_wkv_cuda
     monkeypatch.setattr(hpcm, 'bi_wkv_cuda', lambda *a: calls.append(a) or kernel(*a))
