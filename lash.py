@@ -297,6 +297,8 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     -> (logits (B, T, V), exit_mask (B, T))."""
     if threshold is None and exit_mask is None:
         raise ValueError("forward_routed: pass threshold (a probability) or exit_mask ((B, T) bool), got neither")
+    if not 1 <= exit_layer <= cfg.num_layers:
+        raise ValueError(f"forward_routed: exit_layer must be in 1..{cfg.num_layers}, got {exit_layer}")
     h = embed(params, tokens, cfg)
     for layer in params['layers'][:exit_layer]:
         h = block(layer, h, cfg)

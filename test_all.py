@@ -1059,6 +1059,9 @@ def test_lash_training_config_validation_and_presets():
         lash.forward(params, torch.full((1, 2), 11), cfg)
     with pytest.raises(ValueError, match='pass threshold .* or exit_mask'):
         lash.forward_routed(params, torch.zeros(1, 2, dtype=torch.long), cfg, 1)
+    for exit_layer in (0, 3):
+        with pytest.raises(ValueError, match=r'exit_layer must be in 1\.\.2, got'):
+            lash.forward_routed(params, torch.zeros(1, 2, dtype=torch.long), cfg, exit_layer, 0.5)
     with pytest.raises(ValueError, match='must split into num_heads'):
         lash.ModelConfig(dim=10, num_heads=4)
     for kwargs, message in ((dict(phase1_layers=2, phase2_layers=2), 'phase2_layers'),
