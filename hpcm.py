@@ -238,7 +238,7 @@ def _wkv_kernels(dtype, device_index):
     return _WKV_MODULES[key]
 
 
-def _launch(kernel, blocks, threads, *args):
+def _launch(kernel, grid, threads, *args):
     """Runs a cupy kernel on torch's current stream; tensors go in as raw device pointers."""
     import cupy
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
@@ -248,7 +248,7 @@ def _launch(kernel, blocks, threads, *args):
     with cupy.cuda.Device(device.index), (cupy.cuda.Stream.from_external(stream)
                                           if hasattr(cupy.cuda.Stream, 'from_external')
                                           else cupy.cuda.ExternalStream(stream.cuda_stream)):
-        kernel((blocks,), threads, raw)
+        kernel(grid, threads, raw)
 
 
 class _BiWKVCuda(torch.autograd.Function):
@@ -262,12 +262,12 @@ class _BiWKVCuda(torch.autograd.Function):
         kern = _wkv_kernels(k.dtype, k.device.index)
         w, u, k, v = (t.contiguous() for t in (w, u, k, v))
         nchunk = -(-T // (_WKV_LT * _WKV_NS))
-        blocks, threads = B * nchunk * -(-C // _WKV_CW), (_WKV_CW, _WKV_NS)
+        blocks, threads = (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS)
         states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
         log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
         _launch(kern['fwd_sum'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
-        _launch(kern['carry'], -(-2 * B * C // 256), (256,), B, T, C, w, states)
+        _launch(kern['carry'], (-(-2 * B * C // 256),), (256,), B, T, C, w, states)
         _launch(kern['fwd'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
@@ -280,13 +280,13 @@ class _BiWKVCuda(torch.autograd.Function):
         kern = _wkv_kernels(k.dtype, k.device.index)
         gy = gy.contiguous()
         nchunk = -(-T // (_WKV_LT * _WKV_NS))
-        blocks, threads = B * nchunk * -(-C // _WKV_CW), (_WKV_CW, _WKV_NS)
+        blocks, threads = (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS)
         states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gw, gu = k.new_empty(B * nchunk, C), k.new_empty(B * nchunk, C)  # per-chunk partial sums
         args = (B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gw, gu)
         _launch(kern['bwd_sum'], blocks, threads, *args)
-        _launch(kern['grad_carry'], -(-2 * B * C // 256), (256,), B, T, C, w, states)
+        _launch(kern['grad_carry'], (-(-2 * B * C // 256),), (256,), B, T, C, w, states)
         _launch(kern['bwd'], blocks, threads, *args)
         return gw.sum(0, dtype=torch.float64).to(w.dtype), gu.sum(0, dtype=torch.float64).to(u.dtype), gk, gv
 
@@ -308,6 +308,8 @@ def bi_wkv_cuda(w, u, k, v):
                            f'{"installed" if _cupy_available() else "not installed"})')
     if k.dtype not in (torch.float32, torch.float64) or v.dtype != k.dtype:
         raise ValueError(f'bi_wkv_cuda: k and v must both be float32 or float64, got {k.dtype} and {v.dtype}')
+    if k.shape[0] > 65535:  # the batch is the kernels' grid.y
+        raise ValueError(f'bi_wkv_cuda: the batch B must be at most 65535, got {k.shape[0]}')
     T = k.shape[1]
     return _BiWKVCuda.apply(w.to(k.dtype) / T, u.to(k.dtype) / T, k, v)
 

@@ -1439,6 +1439,8 @@ def test_wkv_cuda_matches_scan_and_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(hpcm.bi_wkv_cuda, [t.requires_grad_() for t in (w, u, k, v)], fast_mode=True)
     with torch.no_grad():  # no log Z is written then: the same y
         assert torch.equal(hpcm.bi_wkv_cuda(*inputs[:4]), got[0])
+    with pytest.raises(ValueError, match='batch B must be at most 65535'):
+        hpcm.bi_wkv_cuda(w, u, k.new_zeros(65536, 1, 2), v.new_zeros(65536, 1, 2))
     monkeypatch.delenv('HPCM_WKV', raising=False)
     calls, kernel = [], hpcm.bi_wkv_cuda
     monkeypatch.setattr(hpcm, 'bi_wkv_cuda', lambda *a: calls.append(a) or kernel(*a))
