@@ -218,7 +218,7 @@ def bi_wkv_scan(w, u, k, v):
 
 
 _WKV_MODULES = {}  # (dtype name, device index, LT, NS) -> compiled kernels
-_WKV_LT, _WKV_NS, _WKV_CW = 8, 16, 32  # tokens per thread, threads along T per block, channels per block (.cu: CW)
+_WKV_LT, _WKV_NS, _WKV_CW = 8, 16, 32  # tokens per thread, threads along T per block, channels per block
 
 
 def _wkv_kernels(dtype, device_index):
@@ -232,7 +232,7 @@ def _wkv_kernels(dtype, device_index):
                    'bwd_sum': f'wkv_backward<{name}, false>', 'bwd': f'wkv_backward<{name}, true>',
                    'carry': f'wkv_carry<{name}, false>', 'grad_carry': f'wkv_carry<{name}, true>'}
         with cupy.cuda.Device(device_index):
-            module = cupy.RawModule(code=source, options=('-std=c++17', f'-DLT={_WKV_LT}', f'-DNS={_WKV_NS}'),
+            module = cupy.RawModule(code=source, options=('-std=c++17', f'-DLT={_WKV_LT}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}'),
                                     name_expressions=list(kernels.values()))
             _WKV_MODULES[key] = {k: module.get_function(v) for k, v in kernels.items()}
     return _WKV_MODULES[key]
@@ -251,6 +251,13 @@ def _launch(kernel, grid, threads, *args):
         kernel(grid, threads, raw)
 
 
+def _wkv_grid(B, T, C):
+    """Chunks along T; the chunk kernels' grid (chunks x channel tiles, batch) and block (channels, sub-chunks); the
+    carry kernel's grid, one thread per (direction, b, c) in blocks of 256."""
+    nchunk = -(-T // (_WKV_LT * _WKV_NS))
+    return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
+
+
 class _BiWKVCuda(torch.autograd.Function):
     """wkv_kernel.cu: per-chunk summaries, a carry pass over chunks, then the chunks again with their carries. The
     forward also writes log Z (one more (B, T, C) tensor kept for backward), so the backward is one Bi-WKV scan of
@@ -261,14 +268,13 @@ class _BiWKVCuda(torch.autograd.Function):
         B, T, C = k.shape
         kern = _wkv_kernels(k.dtype, k.device.index)
         w, u, k, v = (t.contiguous() for t in (w, u, k, v))
-        nchunk = -(-T // (_WKV_LT * _WKV_NS))
-        blocks, threads = (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS)
+        nchunk, grid, threads, carry_grid = _wkv_grid(B, T, C)
         states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
         log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
-        _launch(kern['fwd_sum'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
-        _launch(kern['carry'], (-(-2 * B * C // 256),), (256,), B, T, C, w, states)
-        _launch(kern['fwd'], blocks, threads, B, T, C, w, u, k, v, states, y, log_z)
+        _launch(kern['fwd_sum'], grid, threads, B, T, C, w, u, k, v, states, y, log_z)
+        _launch(kern['carry'], carry_grid, (256,), B, T, C, w, states)
+        _launch(kern['fwd'], grid, threads, B, T, C, w, u, k, v, states, y, log_z)
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -279,15 +285,14 @@ class _BiWKVCuda(torch.autograd.Function):
         B, T, C = k.shape
         kern = _wkv_kernels(k.dtype, k.device.index)
         gy = gy.contiguous()
-        nchunk = -(-T // (_WKV_LT * _WKV_NS))
-        blocks, threads = (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS)
+        nchunk, grid, threads, carry_grid = _wkv_grid(B, T, C)
         states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gw, gu = k.new_empty(B * nchunk, C), k.new_empty(B * nchunk, C)  # per-chunk partial sums
         args = (B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gw, gu)
-        _launch(kern['bwd_sum'], blocks, threads, *args)
-        _launch(kern['grad_carry'], (-(-2 * B * C // 256),), (256,), B, T, C, w, states)
-        _launch(kern['bwd'], blocks, threads, *args)
+        _launch(kern['bwd_sum'], grid, threads, *args)
+        _launch(kern['grad_carry'], carry_grid, (256,), B, T, C, w, states)
+        _launch(kern['bwd'], grid, threads, *args)
         return gw.sum(0, dtype=torch.float64).to(w.dtype), gu.sum(0, dtype=torch.float64).to(u.dtype), gk, gv
 
 
@@ -359,7 +364,7 @@ def omni_shift(p, x):
     return a[0] * x + a[1] * conv2d(p['conv1'], x) + a[2] * conv2d(p['conv3'], x) + a[3] * conv2d(p['conv5'], x)
 
 
-def _check_image(x, dim, who):
+def _check_channels(x, dim, who):
     if x.dim() != 4 or x.shape[1] != dim:
         raise ValueError(f'{who}: x must be (B, {dim}, H, W), got {tuple(x.shape)}')
 
@@ -377,7 +382,7 @@ def init_spatial_mix(gen, dim, key_norm=False):
 def spatial_mix(p, x):
     """Keys and values from the OmniShift-ed x, Bi-WKV over the H·W pixels, gated by sigmoid(receptance(x))
     (the seed takes the receptance from the unshifted x; RwkvCompress from the shifted one), output Linear."""
-    _check_image(x, p['time_decay'].shape[0], 'spatial_mix')
+    _check_channels(x, p['time_decay'].shape[0], 'spatial_mix')
     H = x.shape[2]
     shifted = rearrange(omni_shift(p['omni_shift'], x), 'b c h w -> b (h w) c')
     k, v = linear(p['key'], shifted), linear(p['value'], shifted)  # (B, T, C)
@@ -399,7 +404,7 @@ def init_channel_mix(gen, dim, hidden_rate=4):
 
 def channel_mix(p, x):
     """sigmoid(receptance(x)) * value(relu(key(OmniShift(x)))²): RWKV's squared-ReLU feed-forward."""
-    _check_image(x, p['receptance']['weight'].shape[0], 'channel_mix')
+    _check_channels(x, p['receptance']['weight'].shape[0], 'channel_mix')
     H = x.shape[2]
     shifted = rearrange(omni_shift(p['omni_shift'], x), 'b c h w -> b (h w) c')
     kv = linear(p['value'], torch.relu(linear(p['key'], shifted)).square())
@@ -430,8 +435,8 @@ def rwkv_context_cell(p, context, x):
     """Two streams: the previous context and the current input (both (B, dim, H, W)) are concatenated, projected
     back to dim by a 1x1 conv and mixed by one RWKV block; drop-in for HPCM's `attn_sX(context, context_next)`."""
     dim = p['input_proj']['weight'].shape[0]
-    _check_image(context, dim, 'rwkv_context_cell (context)')
-    _check_image(x, dim, 'rwkv_context_cell (x)')
+    _check_channels(context, dim, 'rwkv_context_cell (context)')
+    _check_channels(x, dim, 'rwkv_context_cell (x)')
     if context.shape != x.shape:
         raise ValueError(f'rwkv_context_cell: context {tuple(context.shape)} and x {tuple(x.shape)} differ')
     return rwkv_fusion_block(p['block'], conv2d(p['input_proj'], torch.cat([context, x], 1)))
@@ -789,6 +794,11 @@ def per_half(fn, t, offsets):
     return torch.cat([fn(half, offsets) for half in t.chunk(2, 1)], 1)
 
 
+def scale_grids(y):
+    """y -> (its s1 grid, its s2 grid, y): the grids of scales 0, 1, 2 (to_full_res maps each back)."""
+    return subgrid(subgrid(y, S2_OFFSETS), S1_OFFSETS), subgrid(y, S2_OFFSETS), y
+
+
 def to_full_res(t, scale):
     """A tensor on the grid of scale 0 (s1), 1 (s2) or 2 (s3 = y) -> the y grid."""
     if scale == 0:
@@ -878,7 +888,7 @@ def hpcm_context(p, cfg, hyper, code_step):
             offsets = S1_OFFSETS if scale == 1 else S2_OFFSETS
             new_hyper = hyper_s2 if scale == 1 else hyper
             y_hat = unsubgrid(y_hat, offsets)
-            coded = unsubgrid(torch.ones_like(mask[:, :, ::2, ::2]), offsets).repeat(1, 2, 1, 1)
+            coded = per_half(unsubgrid, torch.ones_like(context_next), offsets)
             context = per_half(unsubgrid, context_next, offsets) + new_hyper * (1 - coded)
             context_next = context_net(p['context_net'][scale - 1], cfg, context)
             last_scale = scale
@@ -929,7 +939,7 @@ def hpcm_forward(params, x, cfg, training=False):
     else:
         z_hat = torch.round(z_res) + params['means_hyper']
         z_lik = gaussian_likelihood(torch.round(z_res), params['scales_hyper'])
-    y_grids = (subgrid(subgrid(y, S2_OFFSETS), S1_OFFSETS), subgrid(y, S2_OFFSETS), y)
+    y_grids = scale_grids(y)
     y_lik = torch.zeros_like(y)
 
     def code_step(step, scale, scales, means, mask):
@@ -1003,7 +1013,7 @@ def compress(params, x, cfg):
         z_q = torch.round(transform(params['h_a'], cfg, 'h_a', y) - params['means_hyper'])
         values.append(z_q.reshape(-1))
         tables_of.append(torch.arange(N, device=x.device).view(1, N, 1, 1).expand_as(z_q).reshape(-1))
-        y_grids = (subgrid(subgrid(y, S2_OFFSETS), S1_OFFSETS), subgrid(y, S2_OFFSETS), y)
+        y_grids = scale_grids(y)
 
         def code_step(step, scale, scales, means, mask):
             q = torch.round((y_grids[scale] - means) * mask)

@@ -227,9 +227,11 @@ def block(p, h, cfg, pos=None, valid=None):
     if pos is None:
         pos = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         h_q, x_q = h, x
+        valid = None
     else:
         index = pos[..., None].expand(-1, -1, h.shape[-1])
         h_q, x_q = h.gather(1, index), x.gather(1, index)  # (B, N, D)
+        valid = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
     out = h_q + attention(p['attn'], x_q, pos, x, cfg)
     out = out + glu(p['ffn'], rms_norm(p['ffn_norm'], out, cfg.norm_eps))
     if valid is None:
@@ -276,12 +278,17 @@ def forward_all_layers(params, tokens, cfg):
     return logits
 
 
+def hidden_after(params, tokens, cfg, num_layers):
+    """-> the hidden state (B, T, D) after the first num_layers layers."""
+    h = embed(params, tokens, cfg)
+    for layer in params['layers'][:num_layers]:
+        h = block(layer, h, cfg)
+    return h
+
+
 def forward(params, tokens, cfg):
     """-> final-layer logits (B, T, V); the head runs once."""
-    h = embed(params, tokens, cfg)
-    for layer in params['layers']:
-        h = block(layer, h, cfg)
-    return output_head(params, h, cfg)
+    return output_head(params, hidden_after(params, tokens, cfg, cfg.num_layers), cfg)
 
 
 def confidence(logits):
@@ -299,9 +306,7 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
         raise ValueError("forward_routed: pass threshold (a probability) or exit_mask ((B, T) bool), got neither")
     if not 1 <= exit_layer <= cfg.num_layers:
         raise ValueError(f"forward_routed: exit_layer must be in 1..{cfg.num_layers}, got {exit_layer}")
-    h = embed(params, tokens, cfg)
-    for layer in params['layers'][:exit_layer]:
-        h = block(layer, h, cfg)
+    h = hidden_after(params, tokens, cfg, exit_layer)
     exit_logits = output_head(params, h, cfg)  # (B, T, V)
     if exit_mask is None:
         exit_mask = confidence(exit_logits) >= threshold
@@ -528,11 +533,9 @@ def grow_transformer(params, cfg, num_layers, gen):
 @torch.no_grad()
 def token_confidence(params, batches, cfg, layer):
     """Max softmax probability of the head after `layer`, for every input token: one (B, T) tensor per batch."""
-    out = []
-    for batch in batches:
-        exit_all = torch.ones_like(batch[0], dtype=torch.bool)
-        out.append(confidence(forward_routed(params, batch[0], cfg, layer, exit_mask=exit_all)[0]))
-    return out
+    if not 1 <= layer <= cfg.num_layers:
+        raise ValueError(f"token_confidence: layer must be in 1..{cfg.num_layers}, got {layer}")
+    return [confidence(output_head(params, hidden_after(params, batch[0], cfg, layer), cfg)) for batch in batches]
 
 
 def mine_hard_examples(conf, ratio):

@@ -21,7 +21,7 @@
 // costs relative precision only where that term of gk and gu is itself small.
 //
 // Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens; a
-// block owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward
+// block, (blockIdx.x = j * ctiles + channel tile, blockIdx.y = b), owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward
 // take three launches each (both scan directions in every launch):
 //   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
 //   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
@@ -38,8 +38,11 @@
 #ifndef MIN_BLOCKS  // blocks per SM the register budget must allow: 2 caps the kernels at 64 registers (the
 #define MIN_BLOCKS 2   // float ones fit; the double ones, used by tests only, spill)
 #endif
+#ifndef CW  // channels per block: one warp's lanes (hpcm.py passes its _WKV_CW, so the two cannot disagree)
 #define CW 32
+#endif
 #define BL (LT * NS)
+static_assert(CW == 32, "a block row of channels is one warp, one lane per channel");
 static_assert(NS >= 2, "block_scan walks the two directions with warps 0 and 1");
 static_assert(12 * NS * CW * sizeof(double) <= 48 * 1024, "wkv_backward<double>'s shared memory exceeds 48 KiB");
 
@@ -89,11 +92,11 @@ struct Tile {
     long long row;  // b * nchunk + j: the chunk's row in the (B, nchunk, 2, NV, C) state buffers
 };
 
-__device__ __forceinline__ Tile tile(int B, int T, int C) {
+__device__ __forceinline__ Tile tile(int T, int C) {
     Tile q;
     int ctiles = (C + CW - 1) / CW;
     q.nchunk = (T + BL - 1) / BL;
-    // grid (ctiles * nchunk, B): one 32-bit division per thread (64-bit ones cost ~10% of the kernels' instructions)
+    // grid (ctiles * nchunk, B): one 32-bit division per thread (four 64-bit ones cost 4% of the instructions)
     q.j = blockIdx.x / unsigned(ctiles);
     const int ct = blockIdx.x - q.j * ctiles;
     q.b = blockIdx.y;
@@ -219,7 +222,7 @@ __global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
             const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
     __shared__ F sh[8 * NS * CW];  // [2][4][NS][CW]: block_scan without the distance-weighted sums
-    Tile q = tile(B, T, C);
+    Tile q = tile(T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
     F kk[LT], vv[LT], one[LT];
@@ -291,7 +294,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
              const F *__restrict__ gy_, F *__restrict__ G, F *__restrict__ gk_, F *__restrict__ gv_,
              F *__restrict__ gw_, F *__restrict__ gu_) {
     __shared__ F sh[12 * NS * CW];
-    Tile q = tile(B, T, C);
+    Tile q = tile(T, C);
     const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
     F ka[LT], gg[LT], yy[LT], gyy[LT];
     load_tokens(logz_, q, C, ka);
