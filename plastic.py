@@ -262,10 +262,15 @@ def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_
             'hyper': init_hypernet(gen, ctx_dims, hidden, out_dims, in_dims, rank, 1)}
 
 
+def lora_scale(in_dims, rank):
+    """The low-rank update's scale 1/sqrt(In·r), which keeps its size independent of In and r."""
+    return (in_dims * rank) ** -0.5
+
+
 def lora(p, x, u, v, gate):
     """x (B, In) -> x W^T + b + gate·scale·U (V^T x) (B, Out), scale = 1/sqrt(In·r), never forming U V^T."""
     delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
-    return torch.addcmul(linear(p, x), gate, delta, value=(x.shape[1] * u.shape[-1]) ** -0.5)
+    return torch.addcmul(linear(p, x), gate, delta, value=lora_scale(x.shape[1], u.shape[-1]))
 
 
 def hyper_lora_linear(p, x, ctx):
@@ -280,7 +285,7 @@ def hyper_lora_dense_weight(p, ctx):
     """W_t = W + gate·scale·U V^T as a dense (B, Out, In) tensor, for teaching and tests (never in a forward)."""
     out_dims, in_dims = p['w'].shape
     u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
-    return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * (in_dims * u.shape[-1]) ** -0.5
+    return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * lora_scale(in_dims, u.shape[-1])
 
 
 def init_hyper_super_linear(gen, in_dims, out_dims, n, rank, ctx_dims, do_norm=False, hidden=HYPER_NLM_CTX_HIDDEN):
@@ -304,15 +309,15 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
     delta = torch.bmm(torch.bmm(x, u), v.transpose(1, 2))  # (B, N, Out): (x U) V^T for every neuron at once
     # x is already dropped out and normalised: the base path is super_linear without its dropout and 'ln'
     return torch.addcmul(super_linear({k: p[k] for k in ('w1', 'b1', 'T')}, x), delta, (gate / p['T'])[:, :, None],
-                         value=(in_dims * u.shape[-1]) ** -0.5)
+                         value=lora_scale(in_dims, u.shape[-1]))
 
 
 def hyper_super_linear_dense_weight(p, ctx):
     """Every neuron's W_d + gate_d·scale·U V^T as a dense (B, In, Out, N) tensor, w1's layout (tests, teaching)."""
     in_dims, out_dims, n = p['w1'].shape
     u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims, n)
-    scale = (in_dims * u.shape[-1]) ** -0.5
-    return p['w1'] + gate[:, None, None, :] * torch.einsum('bmr,bhr->bmh', u, v)[..., None] * scale
+    return (p['w1'] + gate[:, None, None, :] * torch.einsum('bmr,bhr->bmh', u, v)[..., None]
+            * lora_scale(in_dims, u.shape[-1]))
 
 
 def plastic_super_linear(p, x, ctx, rate=0.0, train=False):
@@ -484,6 +489,11 @@ def certainty(prediction, prediction_reshaper):
 RESNET_BLOCKS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
 
 
+def resnet_stride(stage, block):
+    """Every stage after the first halves the resolution in its first block."""
+    return 2 if stage > 0 and block == 0 else 1
+
+
 def d_backbone(cfg):
     """Channels of the backbone's feature map (the original's get_d_backbone)."""
     if cfg.backbone_type.startswith('resnet'):
@@ -517,7 +527,7 @@ def init_backbone(gen, cfg):
     for s in range(int(n_stages)):
         c_out, stage_p, stage_b = 64 * 2 ** s, [], []
         for b in range(RESNET_BLOCKS[family][s]):
-            stride = 2 if s > 0 and b == 0 else 1
+            stride = resnet_stride(s, b)
             bn_a, bn_b = init_batch_norm(c_out), init_batch_norm(c_out)
             bp = {'conv1': init_conv(gen, c_in, c_out, 3), 'bn1': bn_a[0], 'conv2': init_conv(gen, c_out, c_out, 3),
                   'bn2': bn_b[0]}
@@ -563,7 +573,7 @@ def backbone(p, buf, x, cfg, train=False):
     for s, (stage_p, stage_b) in enumerate(zip(p['stages'], buf['stages'])):
         new_stage = []
         for b, (bp, bb) in enumerate(zip(stage_p, stage_b)):
-            x, nb = basic_block(bp, bb, x, 2 if s > 0 and b == 0 else 1, train)
+            x, nb = basic_block(bp, bb, x, resnet_stride(s, b), train)
             new_stage.append(nb)
         new['stages'].append(new_stage)
     return x, new
@@ -749,6 +759,11 @@ def maze_loss(predictions, certainties, targets, cirriculum_lookahead=5, use_mos
 # tasks: mazes, parity, images
 
 
+def images_to_tensor(images):
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # the original's classes 0..3: up, down, left, right
 WAIT = 4  # class 4 pads routes shorter than route_length
 MAZE_SIZES = {'mazes-small': 39, 'mazes-medium': 39, 'mazes-large': 99}  # image side in pixels, as the original's
@@ -763,12 +778,13 @@ def generate_maze(rng, size):
     if size < 5 or size % 2 == 0:
         raise ValueError(f'maze size: expected an odd number of pixels >= 5, got {size}')
     cells = (size - 1) // 2
+    to_pixel = lambda cell: (2 * cell[0] + 1, 2 * cell[1] + 1)
     open_ = np.zeros((size, size), dtype=bool)
     draws = iter(rng.random(cells * cells).tolist())
     start = (int(rng.integers(cells)), int(rng.integers(cells)))
     parent = {start: None}
     stack = [start]
-    open_[2 * start[0] + 1, 2 * start[1] + 1] = True
+    open_[to_pixel(start)] = True
     while stack:
         r, c = stack[-1]
         free = [(m, (r + dr, c + dc)) for m, (dr, dc) in enumerate(MOVES)
@@ -778,8 +794,8 @@ def generate_maze(rng, size):
             continue
         m, cell = free[int(next(draws) * len(free))]
         parent[cell] = (m, (r, c))
-        open_[2 * r + 1 + MOVES[m][0], 2 * c + 1 + MOVES[m][1]] = True
-        open_[2 * cell[0] + 1, 2 * cell[1] + 1] = True
+        open_[2 * r + 1 + MOVES[m][0], 2 * c + 1 + MOVES[m][1]] = True  # the wall pixel between the two cells
+        open_[to_pixel(cell)] = True
         stack.append(cell)
     end = start
     while end == start:
@@ -788,7 +804,6 @@ def generate_maze(rng, size):
     while parent[cell] is not None:
         m, cell = parent[cell]
         moves += [m, m]  # one cell step crosses the wall pixel between the two cells
-    to_pixel = lambda cell: (2 * cell[0] + 1, 2 * cell[1] + 1)
     return open_, to_pixel(start), to_pixel(end), moves[::-1]
 
 
@@ -809,8 +824,7 @@ def maze_batch(rng, n, size, route_length):
         open_, start, end, moves = generate_maze(rng, size)
         images[i] = maze_image(open_, start, end)
         targets[i, :min(len(moves), route_length)] = moves[:route_length]
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-    return x, torch.from_numpy(targets), images
+    return images_to_tensor(images), torch.from_numpy(targets), images
 
 
 def walk_route(image, moves):
@@ -894,7 +908,3 @@ def generated_images(rng, n, size, n_classes=10):
     images = (wave[..., None] * 0.5 + 0.5) * colour + 0.15 * rng.standard_normal((n, size, size, 3))
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels.astype(np.int64)
 
-
-def images_to_tensor(images):
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -290,7 +290,7 @@ def test_ctm_synch_pairs_follow_the_select_type():
     gen = torch.Generator().manual_seed(0)
     left, right = plastic.init_synch_pairs(gen, 20, 4, 'first-last', 'action')
     i, j = torch.triu_indices(4, 4)
-    assert torch.equal(left, 16 + i) and torch.equal(right, 16 + j) and len(left) == plastic.synch_size(4, 'random')
+    assert torch.equal(left, 16 + i) and torch.equal(right, 16 + j) and len(left) == 4 * 5 // 2
     left, right = plastic.init_synch_pairs(gen, 20, 4, 'first-last', 'out')
     assert torch.equal(left, i) and torch.equal(right, j)
     left, right = plastic.init_synch_pairs(gen, 20, 6, 'random-pairing', 'out', n_self=2)
@@ -324,6 +324,12 @@ def test_ctm_forward_shapes_and_decay_clamp():
     assert torch.equal(params['decay_params_out'], torch.zeros(8))
     # a sample's prediction does not depend on the rest of its batch (eval mode)
     torch.testing.assert_close(plastic.ctm_forward(params, buffers, x[:1], cfg)[0], predictions[:1])
+
+
+def test_ctm_resnet_stride_and_lora_scale():
+    # torchvision's ResNet: layer1 keeps the resolution, layers 2-4 halve it in their first block only
+    assert [[plastic.resnet_stride(s, b) for b in range(3)] for s in range(4)] == [[1, 1, 1]] + [[2, 1, 1]] * 3
+    assert plastic.lora_scale(16, 4) == 0.125 and plastic.lora_scale(1, 1) == 1.0
 
 
 @pytest.mark.parametrize('kind, channels, side', [('resnet18-1', 64, 4), ('resnet18-2', 128, 2), ('conv', 16, 2)])
@@ -413,15 +419,16 @@ def test_ctm_classification_loss_picks_lowest_and_most_certain_ticks():
     predictions, targets = torch.randn(4, 3, 5, generator=gen), torch.tensor([0, 2, 1, 1])
     certainties = torch.rand(4, 2, 5, generator=gen)
     loss, chosen = plastic.classification_loss(predictions, certainties, targets)
-    expected = []
+    expected, expected_last = [], []
     for b in range(4):
         ce = [-torch.log_softmax(predictions[b, :, t], 0)[targets[b]].item() for t in range(5)]
         value, t2 = loop_tick_rule(ce, certainties[b, 1].tolist())
         expected.append(value)
+        expected_last.append((min(ce) + ce[4]) / 2)  # lowest tick and the last tick
         assert chosen[b] == t2
     assert abs(loss.item() - np.mean(expected)) < 1e-5
     last, chosen = plastic.classification_loss(predictions, certainties, targets, use_most_certain=False)
-    assert (chosen == 4).all()
+    assert (chosen == 4).all() and abs(last.item() - np.mean(expected_last)) < 1e-5
 
 
 def test_ctm_maze_loss_curriculum_and_ticks():
