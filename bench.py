@@ -34,7 +34,7 @@ def run_lash_fastpath(args):
 
     import lash
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync = train.synchronizer(device)
     rows = []
     for vocab in (int(v) for v in args.vocab_sizes.split(',')):
         cfg = lash.ModelConfig(vocab_size=vocab, dim=args.dim, num_layers=args.num_layers)
@@ -191,13 +191,13 @@ def bench_ctm_one(argv, steps):
         torch.cuda.reset_peak_memory_stats()
     fields, batch, _, task_loss = train.ctm_task(args)
     cfg = train.ctm_config(args, fields)
-    params, buffers = (train.tree_to(t, device) for t in plastic.init_ctm(cfg, train.make_generator(0)))
-    leaves = [t.requires_grad_(True) for t in train.tree_leaves(params)]
-    opt = torch.optim.AdamW(leaves, lr=args.lr, eps=1e-8)
+    params, buffers = plastic.init_ctm(cfg, train.make_generator(0))
+    params, buffers = train.tree_to(params, device, True), train.tree_to(buffers, device)
+    opt = torch.optim.AdamW(train.tree_leaves(params), lr=args.lr, eps=1e-8)
     train.ctm_optimizer_mode(opt, args.cuda_graph, device)
     step = train.ctm_stepper(params, buffers, opt, cfg, task_loss, args)
     x, y = (torch.as_tensor(t).to(device) for t in batch(0))
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync = train.synchronizer(device)
     sync()
     t0 = time.perf_counter()
     first_loss = step(x, y)[0].item()
@@ -212,7 +212,7 @@ def bench_ctm_one(argv, steps):
     ms = (t2 - t1) / steps * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan')
     return dict(ms_per_step=ms, mazes_per_s=args.batch_size / ms * 1e3, first_s=t1 - t0, peak_gib=peak,
-                params=sum(t.numel() for t in leaves), loss_first=first_loss, loss_last=last_loss)
+                params=sum(t.numel() for t in train.tree_leaves(params)), loss_first=first_loss, loss_last=last_loss)
 
 
 def run_ctm(args):

@@ -10,6 +10,7 @@ progress line, atomic checkpoints, metrics log, a stdlib PNG writer/reader) live
 flags and loop follow in its own section.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -56,6 +57,11 @@ def flatten(tree, prefix=''):
         else:
             flat[name] = value
     return flat
+
+
+def synchronizer(device):
+    """-> a function that waits for the device's queued work (for timing); a no-op off CUDA."""
+    return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
 
 def tree_leaves(tree):
@@ -155,6 +161,11 @@ class MetricsLog:
             f.write(json.dumps(record) + '\n')
 
 
+def format_metrics(metrics):
+    """{name: value} -> ['name value', ...], floats to 4 significant digits."""
+    return [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()]
+
+
 def format_seconds(s):
     s = int(s)
     return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
@@ -170,7 +181,7 @@ class Progress:
         rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float('inf')
         parts = [f'step {step}/{self.total}']
-        parts += [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()]
+        parts += format_metrics(metrics)
         parts += [f'{rate:.2f} steps/s', f'eta {format_seconds(eta) if math.isfinite(eta) else "?"}']
         return ' | '.join(parts)
 
@@ -195,8 +206,7 @@ def run_loop(total_steps, start_step, step_fn, save_fn, log_every=10, save_every
                 progress.print(step, **metrics)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
                 eval_metrics = eval_fn(step)
-                print('eval | ' + ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
-                                             for k, v in eval_metrics.items()), flush=True)
+                print('eval | ' + ' | '.join(format_metrics(eval_metrics)), flush=True)
                 if log is not None:
                     log.write(step=step, **{f'eval_{k}': v for k, v in eval_metrics.items()})
             if step % save_every == 0 and step < total_steps:
@@ -468,7 +478,8 @@ def ctm_task(args, rank=0):
         loss = lambda pred, cert, y: plastic.maze_loss(pred.reshape(pred.shape[0], route, 5, -1), cert, y,
                                                        args.cirriculum_lookahead)[:2]
         test = make(np.random.default_rng([args.seed, 1]), args.n_test)
-        batch = lambda step: ctm_maze_batch(args.seed, step, args.batch_size, size, route, rank * args.batch_size)
+        batch = functools.partial(ctm_maze_batch, args.seed, n=args.batch_size, size=size, route_length=route,
+                                  first=rank * args.batch_size)  # a partial, not a lambda: worker processes take it
         return fields, batch, test, loss
     if args.ctm_task == 'parity':
         n = args.parity_sequence_length
@@ -723,8 +734,7 @@ def run_ctm(args):
             return train_batch(step)
         for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
             if s not in ahead:
-                ahead[s] = workers.submit(ctm_maze_batch, args.seed, s, args.batch_size, args.maze_size,
-                                          args.maze_route_length, rank * args.batch_size)
+                ahead[s] = workers.submit(train_batch, s)
         return ahead.pop(step).result()
 
     def step_fn(step):
@@ -835,13 +845,19 @@ def lash_setup(args):
     return device, train_tokens, val, test, to_device
 
 
+def lash_train_batches(args, tokens, to_device):
+    """-> epoch -> that epoch's shuffled training batches (seeded by --seed), on the device."""
+    import lash
+    return lambda epoch: to_device(lash.epoch_batches(tokens, args.seq_len, args.batch_size, args.seed, epoch))
+
+
 def lash_model(args, num_layers, gen, device):
     import lash
     try:
         cfg = lash.ModelConfig(dim=args.dim, num_layers=num_layers, num_heads=args.num_heads, ffn_dim=args.ffn_dim)
     except ValueError as e:
         raise SystemExit(f'--dim/--num_heads/--ffn_dim: {e}') from None
-    params = lash.map_tree(lambda t: t.to(device).requires_grad_(), lash.init_transformer(cfg, gen))
+    params = tree_to(lash.init_transformer(cfg, gen), device, True)
     return cfg, params
 
 
@@ -856,7 +872,7 @@ def lash_fit(args, stage, params, loss_fn, opt, train_batches, val_fn, max_epoch
     if args.resume and os.path.exists(path):
         payload = load_checkpoint(path, params, opt=opt, args=args, must_match=must_match)
         state = payload['state']
-        device = lash.tree_leaves(params)[0].device
+        device = tree_leaves(params)[0].device
         state['best_params'] = [t.to(device) for t in state['best_params']]
         print(f'{stage}: resumed at step {state["step"]}, epoch {state["epoch"]} from {path}', flush=True)
         if payload.get('done'):
@@ -927,8 +943,7 @@ def run_lash(args):
           f'{"fast path (head once)" if config.last_layer_only else "head after every weighted layer"}', flush=True)
     full = lash.TrainingConfig(config.layer_weights, config.layer_lr_scales)
     state = lash_fit(args, 'train', params, lambda p, b: lash.compute_loss(p, b, config, cfg), opt,
-                     lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,
-                                                                args.seed, epoch)),
+                     lash_train_batches(args, train_tokens, to_device),
                      lambda p: lash.evaluate(p, val, full, cfg)['loss'], args.max_epochs, args.patience,
                      args.training_iterations, LASH_MODEL_ARGS + ('num_layers', 'layer_weights', 'layer_lr_scales'))
     rows = []
@@ -972,8 +987,7 @@ def run_ashem(args):
                          f'{e}') from None
     p1, p2 = acfg.phase1_layers, acfg.phase2_layers
     must_match = LASH_MODEL_ARGS + ('phase1_layers', 'phase2_layers', 'hard_example_ratio')
-    train_batches = lambda epoch: to_device(lash.epoch_batches(train_tokens, args.seq_len, args.batch_size,
-                                                               args.seed, epoch))
+    train_batches = lash_train_batches(args, train_tokens, to_device)
 
     def fit_all_data(stage, num_layers, seed_offset, patience, max_steps, max_epochs):
         cfg, params = lash_model(args, num_layers, make_generator(args.seed + seed_offset), device)
@@ -1007,17 +1021,18 @@ def run_ashem(args):
     budget = state1['step'] + state2['step']
     print(f'baselines: {budget} steps each (phase 1 {state1["step"]} + phase 2 {state2["step"]}), all data, no '
           f'early stop, best val epoch restored', flush=True)
-    _, small, state_small = fit_all_data('baseline_small', p1, 2, budget, budget, budget)
-    _, large, state_large = fit_all_data('baseline_large', p2, 3, budget, budget, budget)
+    _, small, state_small = fit_all_data('baseline_small', p1, seed_offset=2, patience=budget, max_steps=budget,
+                                         max_epochs=budget)
+    _, large, state_large = fit_all_data('baseline_large', p2, seed_offset=3, patience=budget, max_steps=budget,
+                                         max_epochs=budget)
 
     hard_test = [c < threshold for c in lash.token_confidence(params1, test, cfg1, p1)]
-    last_only = lambda L: lash.create_standard_config(L)
     results = [(f'{p1}-layer baseline', state_small['step'],
-                timed_evaluate(small, test, last_only(p1), cfg1, hard_test), p1),
+                timed_evaluate(small, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
                (f'{p2}-layer baseline', state_large['step'],
-                timed_evaluate(large, test, last_only(p2), cfg2, hard_test), p2),
+                timed_evaluate(large, test, lash.create_standard_config(p2), cfg2, hard_test), p2),
                (f'ASHEM phase 1 only ({p1} layers)', state1['step'],
-                timed_evaluate(params1, test, last_only(p1), cfg1, hard_test), p1),
+                timed_evaluate(params1, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
                (f'ASHEM two-stage ({p1}+{p2 - p1} layers)', budget,
                 timed_evaluate(params2, test, routed, cfg2, hard_test), p2)]
     full_flops = results[1][2]['flops']
@@ -1087,11 +1102,11 @@ def hpcm_images(folder, what):
 def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
     """Estimated and real bpp, PSNR, encode/decode seconds per image; checks that decoding reproduces the encoder."""
     rows = []
+    sync = synchronizer(device)
     for img, name in zip(images, names):
         x = (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255)[None].to(device)
         with torch.no_grad(), hpcm.deterministic(device):  # the encoder's reconstruction, as compress sees it
             x_hat, _, bpp = hpcm.hpcm_forward(params, x, cfg)
-        sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
         sync()
         t0 = time.time()
         data = hpcm.compress(params, x, cfg)
