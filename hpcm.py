@@ -238,17 +238,21 @@ def _wkv_kernels(dtype, device_index):
     return _WKV_MODULES[key]
 
 
-def _launch(kernel, grid, threads, *args):
-    """Runs a cupy kernel on torch's current stream; tensors go in as raw device pointers."""
+def _raw(*args):
+    """Kernel arguments for cupy: tensors as raw device pointers (None as a null one), ints as int32."""
+    return tuple(np.int32(a) if isinstance(a, int) else np.uint64(0 if a is None else a.data_ptr()) for a in args)
+
+
+def _launch(device, *launches):
+    """Runs (kernel, grid, block, raw args) launches in order on torch's current stream of device. One stream and
+    device context for all of them: entering them costs more host time than the launch itself."""
     import cupy
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    raw = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.uint64(0) if a is None
-                else np.int32(a) for a in args)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device.index), (cupy.cuda.Stream.from_external(stream)
                                           if hasattr(cupy.cuda.Stream, 'from_external')
                                           else cupy.cuda.ExternalStream(stream.cuda_stream)):
-        kernel(grid, threads, raw)
+        for kernel, grid, threads, args in launches:
+            kernel(grid, threads, args)
 
 
 def _wkv_grid(B, T, C):
@@ -272,9 +276,9 @@ class _BiWKVCuda(torch.autograd.Function):
         states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
         log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
-        _launch(kern['fwd_sum'], grid, threads, B, T, C, w, u, k, v, states, y, log_z)
-        _launch(kern['carry'], carry_grid, (256,), B, T, C, w, states)
-        _launch(kern['fwd'], grid, threads, B, T, C, w, u, k, v, states, y, log_z)
+        args = _raw(B, T, C, w, u, k, v, states, y, log_z)
+        _launch(k.device, (kern['fwd_sum'], grid, threads, args),
+                (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['fwd'], grid, threads, args))
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -288,12 +292,12 @@ class _BiWKVCuda(torch.autograd.Function):
         nchunk, grid, threads, carry_grid = _wkv_grid(B, T, C)
         states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        gw, gu = k.new_empty(B * nchunk, C), k.new_empty(B * nchunk, C)  # per-chunk partial sums
-        args = (B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gw, gu)
-        _launch(kern['bwd_sum'], grid, threads, *args)
-        _launch(kern['grad_carry'], carry_grid, (256,), B, T, C, w, states)
-        _launch(kern['bwd'], grid, threads, *args)
-        return gw.sum(0, dtype=torch.float64).to(w.dtype), gu.sum(0, dtype=torch.float64).to(u.dtype), gk, gv
+        gwu = k.new_empty(2, B * nchunk, C)  # per-chunk partial sums of gw and gu
+        args = _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1])
+        _launch(k.device, (kern['bwd_sum'], grid, threads, args),
+                (kern['grad_carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['bwd'], grid, threads, args))
+        gw, gu = gwu.sum(1, dtype=torch.float64).to(w.dtype)
+        return gw, gu, gk, gv
 
 
 @functools.lru_cache(maxsize=None)

@@ -2071,6 +2071,19 @@ def test_dist_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, capsys):
     assert capsys.readouterr().out.count('resumed') == 2
 
 
+@needs_cupy[0]
+@needs_cupy[1]
+def test_speed_bench_wkv_rows():
+    """bench.py wkv: a row per (size, T, path), dense only up to dense_max_T, both timings present."""
+    import bench
+    args = argparse.Namespace(sizes='2x8', lengths='16,300', paths='cuda,scan,dense', repeats=3, dense_max_T=64,
+                              scan_max_elems=2 ** 28)
+    rows = bench.run_wkv(args)
+    assert [(r['T'], r['path']) for r in rows] == [(16, 'cuda'), (16, 'scan'), (16, 'dense'), (300, 'cuda'),
+                                                  (300, 'scan')]
+    assert all(0 < r['fwd_ms'] < r['wall_ms'] and r['gpu_ms'] > 0 for r in rows)
+
+
 def test_speed_bench_ctm_rows_and_first_loss():
     """bench.py ctm on a tiny CPU model: one row per (batch, path, config), the first step's loss equal to the
     loss of train.py's model at init on the same batch, a refused path reported in its row, not raised."""
