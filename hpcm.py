@@ -230,7 +230,7 @@ def _wkv_kernels(dtype, device_index):
             source = f.read()
         kernels = {'fwd_sum': f'wkv_forward<{name}, false>', 'fwd': f'wkv_forward<{name}, true>',
                    'bwd_sum': f'wkv_backward<{name}, false>', 'bwd': f'wkv_backward<{name}, true>',
-                   'carry': f'wkv_carry<{name}, false>', 'grad_carry': f'wkv_carry<{name}, true>'}
+                   'fwd_carry': f'wkv_carry<{name}, false>', 'bwd_carry': f'wkv_carry<{name}, true>'}
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=source, options=('-std=c++17', f'-DLT={_WKV_LT}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}'),
                                     name_expressions=list(kernels.values()))
@@ -262,6 +262,15 @@ def _wkv_grid(B, T, C):
     return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
 
 
+def _wkv_pass(kern, pass_, device, B, T, C, w, states, args):
+    """One pass, pass_ 'fwd' or 'bwd', in three launches: its chunks' summaries (kernel pass_ + '_sum'), the carry
+    pass over them (pass_ + '_carry'), then the chunks again from their incoming states (pass_). args: the chunk
+    kernels' raw arguments."""
+    _, grid, threads, carry_grid = _wkv_grid(B, T, C)
+    _launch(device, (kern[pass_ + '_sum'], grid, threads, args),
+            (kern[pass_ + '_carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern[pass_], grid, threads, args))
+
+
 class _BiWKVCuda(torch.autograd.Function):
     """wkv_kernel.cu: per-chunk summaries, a carry pass over chunks, then the chunks again with their carries. The
     forward also writes log Z (one more (B, T, C) tensor kept for backward), so the backward is one Bi-WKV scan of
@@ -272,13 +281,10 @@ class _BiWKVCuda(torch.autograd.Function):
         B, T, C = k.shape
         kern = _wkv_kernels(k.dtype, k.device.index)
         w, u, k, v = (t.contiguous() for t in (w, u, k, v))
-        nchunk, grid, threads, carry_grid = _wkv_grid(B, T, C)
-        states = k.new_empty(B, nchunk, 2, 4, C)  # per chunk and direction: (r, n, a, b)
+        states = k.new_empty(B, _wkv_grid(B, T, C)[0], 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
         log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
-        args = _raw(B, T, C, w, u, k, v, states, y, log_z)
-        _launch(k.device, (kern['fwd_sum'], grid, threads, args),
-                (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['fwd'], grid, threads, args))
+        _wkv_pass(kern, 'fwd', k.device, B, T, C, w, states, _raw(B, T, C, w, u, k, v, states, y, log_z))
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -289,13 +295,12 @@ class _BiWKVCuda(torch.autograd.Function):
         B, T, C = k.shape
         kern = _wkv_kernels(k.dtype, k.device.index)
         gy = gy.contiguous()
-        nchunk, grid, threads, carry_grid = _wkv_grid(B, T, C)
+        nchunk = _wkv_grid(B, T, C)[0]
         states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gwu = k.new_empty(2, B * nchunk, C)  # per-chunk partial sums of gw and gu
-        args = _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1])
-        _launch(k.device, (kern['bwd_sum'], grid, threads, args),
-                (kern['grad_carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['bwd'], grid, threads, args))
+        _wkv_pass(kern, 'bwd', k.device, B, T, C, w, states,
+                  _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1]))
         gw, gu = gwu.sum(1, dtype=torch.float64).to(w.dtype)
         return gw, gu, gk, gv
 
