@@ -217,23 +217,27 @@ def bi_wkv_scan(w, u, k, v):
     return _BiWKVScan.apply(w.to(k.dtype) / T, u.to(k.dtype) / T, k, v)
 
 
-_WKV_MODULES = {}  # (dtype name, device index, LT, NS) -> compiled kernels
-_WKV_LT, _WKV_NS, _WKV_CW = 8, 16, 32  # tokens per thread, threads along T per block, channels per block
+_WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
+# tokens per thread (the backward holds seven values per token where the forward holds five: at 8 it spills), threads
+# along T per block, channels per block
+_WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
 
 
-def _wkv_kernels(dtype, device_index):
+def _wkv_kernels(dtype, device_index, pass_):
+    """pass_ 'fwd' or 'bwd': its chunk summaries ('sum'), carry pass ('carry') and apply ('apply') kernels, compiled
+    with that pass's tokens per thread."""
     import cupy
     name = {torch.float32: 'float', torch.float64: 'double'}[dtype]
-    key = (name, device_index, _WKV_LT, _WKV_NS)
+    key = (name, device_index, pass_, _WKV_LT[pass_], _WKV_NS)
     if key not in _WKV_MODULES:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wkv_kernel.cu')) as f:
             source = f.read()
-        kernels = {'fwd_sum': f'wkv_forward<{name}, false>', 'fwd': f'wkv_forward<{name}, true>',
-                   'bwd_sum': f'wkv_backward<{name}, false>', 'bwd': f'wkv_backward<{name}, true>',
-                   'fwd_carry': f'wkv_carry<{name}, false>', 'bwd_carry': f'wkv_carry<{name}, true>'}
+        chunk = {'fwd': 'wkv_forward', 'bwd': 'wkv_backward'}[pass_]
+        kernels = {'sum': f'{chunk}<{name}, false>', 'apply': f'{chunk}<{name}, true>',
+                   'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
+        options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
         with cupy.cuda.Device(device_index):
-            module = cupy.RawModule(code=source, options=('-std=c++17', f'-DLT={_WKV_LT}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}'),
-                                    name_expressions=list(kernels.values()))
+            module = cupy.RawModule(code=source, options=options, name_expressions=list(kernels.values()))
             _WKV_MODULES[key] = {k: module.get_function(v) for k, v in kernels.items()}
     return _WKV_MODULES[key]
 
@@ -255,20 +259,21 @@ def _launch(device, *launches):
             kernel(grid, threads, args)
 
 
-def _wkv_grid(B, T, C):
+def _wkv_grid(B, T, C, pass_):
     """Chunks along T; the chunk kernels' grid (chunks x channel tiles, batch) and block (channels, sub-chunks); the
     carry kernel's grid, one thread per (direction, b, c) in blocks of 256."""
-    nchunk = -(-T // (_WKV_LT * _WKV_NS))
+    nchunk = -(-T // (_WKV_LT[pass_] * _WKV_NS))
     return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
 
 
-def _wkv_pass(kern, pass_, device, B, T, C, w, states, args):
-    """One pass, pass_ 'fwd' or 'bwd', in three launches: its chunks' summaries (kernel pass_ + '_sum'), the carry
-    pass over them (pass_ + '_carry'), then the chunks again from their incoming states (pass_). args: the chunk
-    kernels' raw arguments."""
-    _, grid, threads, carry_grid = _wkv_grid(B, T, C)
-    _launch(device, (kern[pass_ + '_sum'], grid, threads, args),
-            (kern[pass_ + '_carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern[pass_], grid, threads, args))
+def _wkv_pass(pass_, k, w, states, args):
+    """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd', in three launches: its chunks' summaries, the carry pass
+    over them, then the chunks again from their incoming states. args: the chunk kernels' raw arguments."""
+    B, T, C = k.shape
+    kern = _wkv_kernels(k.dtype, k.device.index, pass_)
+    _, grid, threads, carry_grid = _wkv_grid(B, T, C, pass_)
+    _launch(k.device, (kern['sum'], grid, threads, args),
+            (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['apply'], grid, threads, args))
 
 
 class _BiWKVCuda(torch.autograd.Function):
@@ -279,12 +284,11 @@ class _BiWKVCuda(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, u, k, v):
         B, T, C = k.shape
-        kern = _wkv_kernels(k.dtype, k.device.index)
         w, u, k, v = (t.contiguous() for t in (w, u, k, v))
-        states = k.new_empty(B, _wkv_grid(B, T, C)[0], 2, 4, C)  # per chunk and direction: (r, n, a, b)
+        states = k.new_empty(B, _wkv_grid(B, T, C, 'fwd')[0], 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
         log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
-        _wkv_pass(kern, 'fwd', k.device, B, T, C, w, states, _raw(B, T, C, w, u, k, v, states, y, log_z))
+        _wkv_pass('fwd', k, w, states, _raw(B, T, C, w, u, k, v, states, y, log_z))
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -293,14 +297,12 @@ class _BiWKVCuda(torch.autograd.Function):
     def backward(ctx, gy):
         w, u, k, v, y, log_z = ctx.saved_tensors
         B, T, C = k.shape
-        kern = _wkv_kernels(k.dtype, k.device.index)
         gy = gy.contiguous()
-        nchunk = _wkv_grid(B, T, C)[0]
+        nchunk = _wkv_grid(B, T, C, 'bwd')[0]
         states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gwu = k.new_empty(2, B * nchunk, C)  # per-chunk partial sums of gw and gu
-        _wkv_pass(kern, 'bwd', k.device, B, T, C, w, states,
-                  _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1]))
+        _wkv_pass('bwd', k, w, states, _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1]))
         gw, gu = gwu.sum(1, dtype=torch.float64).to(w.dtype)
         return gw, gu, gk, gv
 

@@ -1438,9 +1438,12 @@ def wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale, seed=0):
 @needs_cupy[1]
 @pytest.mark.parametrize('B, T, C, k_scale, k_offset, w_scale', [
     (1, 1, 1, 1.0, 0.0, 1.0), (2, 7, 3, 3.0, 0.0, 30.0), (3, 129, 33, 1.0, 500.0, 3.0), (2, 257, 65, 5.0, -40.0, 0.0),
-    (1, 1000, 5, 1.0, 0.0, 3000.0), (4, 128 * 12 + 5, 31, 2.0, 0.0, 1.0), (1, 128 * 128, 2, 1.0, 0.0, 3.0)])
+    (1, 1000, 5, 1.0, 0.0, 3000.0), (4, 128 * 12 + 5, 31, 2.0, 0.0, 1.0), (1, 128 * 128, 2, 1.0, 0.0, 3.0),
+    (2, 500, 8, 40.0, 0.0, 1.0)])
 def test_wkv_cuda_matches_dense(B, T, C, k_scale, k_offset, w_scale):
-    """float32 kernel vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128."""
+    """float32 kernel vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128; decays
+    that take the kernel's exact path (w·T = 3000) and keys spread so widely (k_scale 40) that some sub-chunks of
+    the lean path fall back to it."""
     got, (w, u, k, v, gy) = wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale)
     ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in (w, u, k, v, gy)))
     errors = relative_errors(got, ref, wkv_scales(gy, k_scale))

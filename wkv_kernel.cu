@@ -8,7 +8,14 @@
 // e^{x - max} <= 1, so nothing overflows for any k or w, and no sum is ever subtracted from another
 // (Vision-RWKV's kernel subtracts running sums, which is why it loses all precision once w*T is large).
 // Keys are taken relative to k[b, 0, c] (y does not change when a channel's keys shift together), which keeps
-// every exponent small when k carries a large offset.
+// every exponent small when k carries a large offset. All exponents are in base 2: keys, w and u are scaled by
+// log2 e on load, and log Z is written as log2 Z.
+//
+// Two paths inside a sub-chunk (a thread's LT tokens). The exact one pushes token by token as above. The lean one,
+// taken when the sub-chunk is full, |w| is small enough (always, for w = decay / T) and the checks in side() pass,
+// weighs all LT tokens in one frame per direction (lean_summaries): one ex2 and two fma per token and direction
+// instead of a rescaled merge (a dozen instructions). Where a check fails (keys so spread that a
+// prefix would underflow in the frame) that thread takes the exact path.
 //
 // Backward, with Z_t the denominator, d_ti = |t-i| - 1 and q_t = gy_t / Z_t = gy_t e^{kappa_t}, kappa_t = -log Z_t
 // (the forward pass writes log Z unless no gradient is wanted, so the backward never recomputes the forward):
@@ -20,9 +27,10 @@
 // (O(T gy) for a2, b2). v_i - y_i is taken from the saved y: it cancels when the bonus term dominates y_i, which
 // costs relative precision only where that term of gk and gu is itself small.
 //
-// Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens; a
-// block, (blockIdx.x = j * ctiles + channel tile, blockIdx.y = b), owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x. Forward and backward
-// take three launches each (both scan directions in every launch):
+// Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens (hpcm.py
+// compiles the forward with LT = 8 and the backward with LT = 6); a block, (blockIdx.x = j * ctiles + channel
+// tile, blockIdx.y = b), owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x.
+// Forward and backward take three launches each (both scan directions in every launch):
 //   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
 //   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
 //                    states, in place,
@@ -49,12 +57,14 @@ static_assert(12 * NS * CW * sizeof(double) <= 48 * 1024, "wkv_backward<double>'
 // a2, b2: the same sums weighted by each term's distance, carried only when D (the backward's states, for gw)
 template <typename F> struct St { F r, n, a, b, a2, b2; };
 
-__device__ __forceinline__ float ex(float x) { return __expf(x); }
-__device__ __forceinline__ double ex(double x) { return exp(x); }
-// y = num / den and log den with den in [1, T]: the fast intrinsics (__fdividef 2 ulp there, __logf 2^-21.4
-// absolute on [0.5, 2] and a few ulp beyond) keep the kernel's measured error under 1e-6 (README)
-__device__ __forceinline__ float lg(float x) { return __logf(x); }
-__device__ __forceinline__ double lg(double x) { return log(x); }
+// Exponents are in base 2 (keys, w and u are scaled by log2 e on load), so every exponential is one ex2 instruction.
+// y = num / den and log den with den in [1, T]: the fast instructions (ex2 2 ulp, __fdividef 2 ulp there, lg2
+// 2^-22 absolute on [0.5, 2] and a few ulp beyond) keep the kernel's measured error under 1e-6 (README)
+#define L2E 1.4426950408889634
+__device__ __forceinline__ float ex(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ double ex(double x) { return exp2(x); }
+__device__ __forceinline__ float lg(float x) { float y; asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ double lg(double x) { return log2(x); }
 __device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }
 __device__ __forceinline__ double dv(double x, double y) { return x / y; }
 
@@ -184,20 +194,89 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs
     __syncthreads();
 }
 
-// Summarise this thread's tokens (keys `key`, values va, vb) both ways and scan the summaries across the block.
-// With `carries` (the chunk's incoming states) fw, rv come back as the states entering this sub-chunk from the
-// left and from the right; with `totals` the chunk's two summaries are stored.
+
+template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return s.r < empty<F>().r * F(0.5); }
+
+// The lean path, for a full sub-chunk (LT tokens) with |w| <= LEAN_W: no running maximum token by token. All LT
+// tokens are weighed in one frame per direction, referenced to kmax, the largest key: token p weighs
+// ef[p] = 2^(key_p - kmax - (LT-1-p) w) as seen by the token after the sub-chunk, er[p] = 2^(key_p - kmax - p w) as
+// seen by the token before it. Every weight is below 2^(LT |w|) and the largest is above 2^-(LT |w|), so no sum
+// overflows or vanishes, and each weight is one ex2 of an exactly formed difference (fma). The states then read
+// (kmax, 0, sums): their exponent is that of kmax, not of the largest term, which merge() does not need.
+#define LEAN_W F(30.0 / (2 * LT))  // |w| bound: weights within 2^+-30, and e^k times a gradient state below 2^60
+#define LEAN_MIN F(-60)            // the smallest frame weight (log2) a lean prefix may start from
 template <typename F, bool D>
-__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, const Tile &q, F w, int T, int C,
-                                           const F *carries, F *totals, F *sh, St<F> &fw, St<F> &rv) {
+__device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
+                                               St<F> &fw, St<F> &rv) {
+    kmax = key[0];
+#pragma unroll
+    for (int p = 1; p < LT; ++p) kmax = fmax(kmax, key[p]);
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        const F d = key[p] - kmax;
+        ef[p] = ex(fma(F(p - (LT - 1)), w, d));
+        er[p] = ex(fma(F(-p), w, d));
+    }
+    // distance-weighted sums (D): one step further away for every token added after it
+    fw = rv = St<F>{kmax, F(0), F(0), F(0), F(0), F(0)};
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        if (D) { fw.a2 += fw.a; fw.b2 += fw.b; }
+        fw.a = fma(ef[p], va[p], fw.a);
+        fw.b = fma(ef[p], vb[p], fw.b);
+    }
+#pragma unroll
+    for (int p = LT - 1; p >= 0; --p) {
+        if (D) { rv.a2 += rv.a; rv.b2 += rv.b; }
+        rv.a = fma(er[p], va[p], rv.a);
+        rv.b = fma(er[p], vb[p], rv.b);
+    }
+}
+
+// The exact path: push token by token, each state keeping the key of its largest term and that term's distance.
+template <typename F, bool D>
+__device__ __forceinline__ void exact_summaries(const F *key, const F *va, const F *vb, int len, F w, St<F> &fw,
+                                                St<F> &rv) {
     fw = empty<F>();
     rv = empty<F>();
 #pragma unroll
     for (int p = 0; p < LT; ++p)
-        if (p < q.len) push<F, D>(fw, w, key[p], va[p], vb[p]);
+        if (p < len) push<F, D>(fw, w, key[p], va[p], vb[p]);
 #pragma unroll
     for (int p = LT - 1; p >= 0; --p)
-        if (p < q.len) push<F, D>(rv, w, key[p], va[p], vb[p]);
+        if (p < len) push<F, D>(rv, w, key[p], va[p], vb[p]);
+}
+
+// One side's frame for the lean apply: the carry c (the state entering the sub-chunk from that side) against the
+// sub-chunk's own weights, in whichever of the two frames is larger. `off` is the carry's exponent minus the
+// weights' frame exponent; the side's exponent at token p is base -/+ p w; sc scales the carry's sums, st the
+// weights. ok: the sums entering the first token that has any stay above 2^LEAN_MIN, so no term that matters is
+// lost to underflow (first: the weight of the side's first token).
+template <typename F> struct Side { F base, sc, st; bool ok; };
+template <typename F> __device__ __forceinline__ Side<F> side(St<F> c, F off, F frame_base, F carry_base, F first) {
+    const bool carry_wins = off > F(0);
+    const F e = ex(-fabs(off));
+    return {carry_wins ? carry_base : frame_base, carry_wins ? F(1) : e, carry_wins ? e : F(1),
+            off >= LEAN_MIN || (is_empty(c) && first >= ex(LEAN_MIN))};
+}
+template <typename F> __device__ __forceinline__ Side<F> left_side(St<F> c, F kmax, F w, F ef0) {
+    return side(c, (c.r - kmax) - (c.n + F(LT)) * w, fma(F(LT), w, kmax), c.r - c.n * w, ef0);
+}
+template <typename F> __device__ __forceinline__ Side<F> right_side(St<F> c, F kmax, F w, F er_last) {
+    return side(c, (c.r - kmax) - (c.n + F(LT)) * w, kmax + w, c.r - (c.n + F(LT - 1)) * w, er_last);
+}
+
+// Summarise this thread's tokens (keys `key`, values va, vb) both ways, lean or exact, and scan the summaries across
+// the block. With `carries` (the chunk's incoming states) fw, rv come back as the states entering this sub-chunk
+// from the left and from the right; with `totals` the chunk's two summaries are stored.
+template <typename F, bool D>
+__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, const Tile &q, F w, int T, int C,
+                                           const F *carries, F *totals, F *sh, bool lean, F &kmax, F *ef, F *er,
+                                           St<F> &fw, St<F> &rv) {
+    if (lean)
+        lean_summaries<F, D>(key, va, vb, w, kmax, ef, er, fw, rv);
+    else
+        exact_summaries<F, D>(key, va, vb, q.len, w, fw, rv);
     St<F> cf = empty<F>(), cr = empty<F>(), tf, tr;
     if (carries && q.live) {
         cf = load_state<F, D>(carries, q.row, 0, C, q.c);
@@ -208,31 +287,72 @@ __device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *v
         store_state<F, D>(totals, q.row, q.s, C, q.c, q.s ? tr : tf);
 }
 
+// tokens s*LT.. of this thread's channel, (x - shift) * scale; absent ones read as 0
 template <typename F>
-__device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Tile &q, int C, F *dst, F shift = F(0)) {
+__device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Tile &q, int C, F *dst,
+                                            F shift = F(0), F scale = F(1)) {
 #pragma unroll
     for (int p = 0; p < LT; ++p)
-        dst[p] = q.live && p < q.len ? src[q.off + (long long)p * C] - shift : F(0);
+        dst[p] = q.live && p < q.len ? (src[q.off + (long long)p * C] - shift) * scale : F(0);
 }
 
 // APPLY = false: write each chunk's summaries into S. APPLY = true: S holds the carries; write y and, unless
-// logz_ is null, log Z (relative to k[b, 0, c], like the keys).
+// logz_ is null, log2 Z (relative to k[b, 0, c] log2 e, like the keys).
 template <typename F, bool APPLY>
 __global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
             const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
     __shared__ F sh[8 * NS * CW];  // [2][4][NS][CW]: block_scan without the distance-weighted sums
     Tile q = tile(T, C);
-    const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
+    const F w = q.live ? w_[q.c] * F(L2E) : F(0), u = q.live ? u_[q.c] * F(L2E) : F(0);
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
-    F kk[LT], vv[LT], one[LT];
-    load_tokens(k_, q, C, kk, k0);
+    F kk[LT], vv[LT], one[LT], kmax, ef[LT], er[LT];
+    load_tokens(k_, q, C, kk, k0, F(L2E));
     load_tokens(v_, q, C, vv);
 #pragma unroll
     for (int p = 0; p < LT; ++p) one[p] = F(1);
+    const bool lean = q.len == LT && fabs(w) <= LEAN_W;
     St<F> fw, rv;
-    chunk_scan<F, false>(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, sh, fw, rv);
+    chunk_scan<F, false>(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, sh, lean, kmax, ef, er,
+                         fw, rv);
     if (!APPLY) return;
+    // y_p from the sums entering token p from the left (exponent ma, sums na, da), from the right (mc, nc, dc) and
+    // the bonus term, all scaled by 2^-top; log Z = top + log den
+    auto out = [&](int p, F ma, F na, F da, F mc, F nc, F dc) {
+        const F uk = u + kk[p], top = fmax(fmax(ma, mc), uk);
+        const F eA = ex(ma - top), eC = ex(mc - top), eU = ex(uk - top);
+        const F den = fma(da, eA, fma(dc, eC, eU));
+        if (q.live) {
+            y_[q.off + (long long)p * C] = dv(fma(na, eA, fma(nc, eC, vv[p] * eU)), den);
+            if (logz_) logz_[q.off + (long long)p * C] = top + lg(den);
+        }
+    };
+    Side<F> L, R;
+    if (lean) {
+        L = left_side(fw, kmax, w, ef[0]);
+        R = right_side(rv, kmax, w, er[LT - 1]);
+    }
+    if (lean && L.ok && R.ok) {
+        // from the right first, keeping each token's sums in er (numerator) and dc (denominator)
+        F nc = rv.a * R.sc, dcs = rv.b * R.sc, dc[LT];
+#pragma unroll
+        for (int p = LT - 1; p >= 0; --p) {
+            const F e = er[p] * R.st;
+            er[p] = nc;
+            dc[p] = dcs;
+            nc = fma(e, vv[p], nc);
+            dcs += e;
+        }
+        F na = fw.a * L.sc, da = fw.b * L.sc;
+#pragma unroll
+        for (int p = 0; p < LT; ++p) {
+            out(p, fma(F(-p), w, L.base), na, da, fma(F(p), w, R.base), er[p], dc[p]);
+            const F e = ef[p] * L.st;
+            na = fma(e, vv[p], na);
+            da += e;
+        }
+        return;
+    }
     F cm[LT], ca[LT], cb[LT];
     St<F> st = rv;
 #pragma unroll
@@ -243,19 +363,10 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
         }
     st = fw;
 #pragma unroll
-    for (int p = 0; p < LT; ++p)
-        if (p < q.len) {
-            // y from the exclusive left state, the exclusive right state and the bonus term, all scaled by e^-M
-            F ma = expo(st, w), uk = u + kk[p];
-            F M = fmax(fmax(ma, cm[p]), uk);
-            F eA = ex(ma - M), eC = ex(cm[p] - M), eU = ex(uk - M);
-            F den = st.b * eA + cb[p] * eC + eU;
-            if (q.live) {
-                y_[q.off + (long long)p * C] = dv(st.a * eA + ca[p] * eC + vv[p] * eU, den);
-                if (logz_) logz_[q.off + (long long)p * C] = M + lg(den);
-            }
-            push<F, false>(st, w, kk[p], vv[p], F(1));
-        }
+    for (int p = 0; p < q.len && p < LT; ++p) {
+        out(p, expo(st, w), st.a, st.b, cm[p], ca[p], cb[p]);
+        push<F, false>(st, w, kk[p], vv[p], F(1));
+    }
 }
 
 template <typename F, bool D>
@@ -264,7 +375,7 @@ __global__ void wkv_carry(int B, int T, int C, const F *__restrict__ w_, F *__re
     if (idx >= 2LL * B * C) return;
     const int c = idx % C, b = (idx / C) % B, dir = idx / ((long long)B * C);
     const int nchunk = (T + BL - 1) / BL;
-    const F w = w_[c];
+    const F w = w_[c] * F(L2E);
     St<F> run = empty<F>();
     // eight chunks' summaries are loaded before any is used, so their reads overlap
     for (int j0 = 0; j0 < nchunk; j0 += 8) {
@@ -295,48 +406,94 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
              F *__restrict__ gw_, F *__restrict__ gu_) {
     __shared__ F sh[12 * NS * CW];
     Tile q = tile(T, C);
-    const F w = q.live ? w_[q.c] : F(0), u = q.live ? u_[q.c] : F(0);
-    F ka[LT], gg[LT], yy[LT], gyy[LT];
-    load_tokens(logz_, q, C, ka);
+    const F w = q.live ? w_[q.c] * F(L2E) : F(0), u = q.live ? u_[q.c] * F(L2E) : F(0);
+    F ka[LT], gg[LT], yy[LT], kmax, ef[LT], er[LT];
+    load_tokens(logz_, q, C, ka, F(0), F(-1));
     load_tokens(gy_, q, C, gg);
     load_tokens(y_, q, C, yy);
-#pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        ka[p] = -ka[p];
-        gyy[p] = gg[p] * yy[p];
-    }
+    // u >= LEAN_MIN bounds e^(k + kappa) <= e^-u for the token's own kappa, which the lean frames may use
+    const bool lean = q.len == LT && fabs(w) <= LEAN_W && u >= LEAN_MIN;
     St<F> fw, rv;
-    chunk_scan<F, true>(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, sh, fw, rv);
+    {
+        F gyy[LT];
+#pragma unroll
+        for (int p = 0; p < LT; ++p) gyy[p] = gg[p] * yy[p];
+        chunk_scan<F, true>(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, sh, lean,
+                            kmax, ef, er, fw, rv);
+    }
     if (!APPLY) return;
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
     F kk[LT], vv[LT], pk[LT], pv[LT];
-    load_tokens(k_, q, C, kk, k0);
+    load_tokens(k_, q, C, kk, k0, F(L2E));
     load_tokens(v_, q, C, vv);
-    // from the right first: its part of gk, gv (kept in pk, pv), the bonus terms, and gu; then from the left
     F gw = 0, gu = 0;
-    St<F> st = rv;
-#pragma unroll
-    for (int p = LT - 1; p >= 0; --p)
-        if (p < q.len) {
-            F e = ex(kk[p] + expo(st, w)), eb = ex(u + kk[p] + ka[p]) * gg[p], vy = vv[p] - yy[p];
-            pk[p] = e * (vv[p] * st.a - st.b) + eb * vy;
-            pv[p] = e * st.a + eb;
-            gw += e * (vv[p] * st.a2 - st.b2);
-            gu += eb * vy;
-            push<F, true>(st, w, ka[p], gg[p], gyy[p]);
+    // token p's bonus terms (kept in pk, pv) and its part of gu
+    auto bonus = [&](int p) {
+        const F eb = ex(u + kk[p] + ka[p]) * gg[p], vy = eb * (vv[p] - yy[p]);
+        pk[p] = vy;
+        pv[p] = eb;
+        gu += vy;
+    };
+    // the sums (a, b) over (gy, gy y) take token p with weight e
+    auto add = [&](int p, F e, F &a, F &b) {
+        const F eg = e * gg[p];
+        a += eg;
+        b = fma(eg, yy[p], b);
+    };
+    // e = e^k_p times the sums' exponent: token p's share of gk, gv (added to pk, pv) and of gw
+    auto grad = [&](int p, F e, F a, F b, F a2, F b2) {
+        gw = fma(e, fma(vv[p], a2, -b2), gw);
+        pk[p] = fma(e, fma(vv[p], a, -b), pk[p]);
+        pv[p] = fma(e, a, pv[p]);
+    };
+    auto store = [&](int p) {
+        if (q.live) {
+            gk_[q.off + (long long)p * C] = pk[p];
+            gv_[q.off + (long long)p * C] = pv[p];
         }
-    st = fw;
+    };
+    Side<F> L, R;
+    if (lean) {
+        L = left_side(fw, kmax, w, ef[0]);
+        R = right_side(rv, kmax, w, er[LT - 1]);
+    }
+    if (lean && L.ok && R.ok) {
+        F a = fw.a * L.sc, b = fw.b * L.sc, a2 = fw.a2 * L.sc, b2 = fw.b2 * L.sc;
 #pragma unroll
-    for (int p = 0; p < LT; ++p)
-        if (p < q.len) {
-            F e = ex(kk[p] + expo(st, w));
-            gw += e * (vv[p] * st.a2 - st.b2);
-            if (q.live) {
-                gk_[q.off + (long long)p * C] = pk[p] + e * (vv[p] * st.a - st.b);
-                gv_[q.off + (long long)p * C] = pv[p] + e * st.a;
+        for (int p = 0; p < LT; ++p) {
+            bonus(p);
+            grad(p, ex(kk[p] + fma(F(-p), w, L.base)), a, b, a2, b2);
+            a2 += a;
+            b2 += b;
+            add(p, ef[p] * L.st, a, b);
+        }
+        a = rv.a * R.sc, b = rv.b * R.sc, a2 = rv.a2 * R.sc, b2 = rv.b2 * R.sc;
+#pragma unroll
+        for (int p = LT - 1; p >= 0; --p) {
+            grad(p, ex(kk[p] + fma(F(p), w, R.base)), a, b, a2, b2);
+            store(p);
+            a2 += a;
+            b2 += b;
+            add(p, er[p] * R.st, a, b);
+        }
+    } else {
+        St<F> st = fw;
+#pragma unroll
+        for (int p = 0; p < LT; ++p)
+            if (p < q.len) {
+                bonus(p);
+                grad(p, ex(kk[p] + expo(st, w)), st.a, st.b, st.a2, st.b2);
+                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p]);
             }
-            push<F, true>(st, w, ka[p], gg[p], gyy[p]);
-        }
+        st = rv;
+#pragma unroll
+        for (int p = LT - 1; p >= 0; --p)
+            if (p < q.len) {
+                grad(p, ex(kk[p] + expo(st, w)), st.a, st.b, st.a2, st.b2);
+                store(p);
+                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p]);
+            }
+    }
     F *red = sh;  // [2][NS][CW], free again after chunk_scan
     red[q.s * CW + threadIdx.x] = gw;
     red[(NS + q.s) * CW + threadIdx.x] = gu;
