@@ -43,8 +43,11 @@
 #ifndef NS
 #define NS 16
 #endif
-#ifndef MIN_BLOCKS  // blocks per SM the register budget must allow: 2 caps the kernels at 64 registers (the
+#ifndef MIN_BLOCKS  // blocks per SM the register budget must allow: 2 caps the apply kernels at 64 registers (the
 #define MIN_BLOCKS 2   // float ones fit; the double ones, used by tests only, spill)
+#endif
+#ifndef SUM_BLOCKS  // the summary kernels fit in 40 registers: 3 blocks per SM keep more loads in flight (README)
+#define SUM_BLOCKS 3
 #endif
 #ifndef CW  // channels per block: one warp's lanes (hpcm.py passes its _WKV_CW, so the two cannot disagree)
 #define CW 32
@@ -299,7 +302,7 @@ __device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Til
 // APPLY = false: write each chunk's summaries into S. APPLY = true: S holds the carries; write y and, unless
 // logz_ is null, log2 Z (relative to k[b, 0, c] log2 e, like the keys).
 template <typename F, bool APPLY>
-__global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
+__global__ void __launch_bounds__(CW * NS, APPLY ? MIN_BLOCKS : SUM_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
             const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
     __shared__ F sh[8 * NS * CW];  // [2][4][NS][CW]: block_scan without the distance-weighted sums
@@ -399,7 +402,7 @@ __global__ void wkv_carry(int B, int T, int C, const F *__restrict__ w_, F *__re
 // APPLY = false: write each chunk's gradient summaries into G. APPLY = true: G holds the gradient carries;
 // write gk, gv and per-chunk partial sums of gw, gu into gw_, gu_ ((B, nchunk, C), summed by the caller).
 template <typename F, bool APPLY>
-__global__ void __launch_bounds__(CW * NS, MIN_BLOCKS)
+__global__ void __launch_bounds__(CW * NS, APPLY ? MIN_BLOCKS : SUM_BLOCKS)
 wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
              const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
              const F *__restrict__ gy_, F *__restrict__ G, F *__restrict__ gk_, F *__restrict__ gv_,
