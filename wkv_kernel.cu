@@ -197,7 +197,6 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs
     __syncthreads();
 }
 
-
 template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return s.r < empty<F>().r * F(0.5); }
 
 // The lean path, for a full sub-chunk (LT tokens) with |w| <= LEAN_W: no running maximum token by token. All LT
@@ -206,7 +205,7 @@ template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return
 // seen by the token before it. Every weight is below 2^(LT |w|) and the largest is above 2^-(LT |w|), so no sum
 // overflows or vanishes, and each weight is one ex2 of an exactly formed difference (fma). The states then read
 // (kmax, 0, sums): their exponent is that of kmax, not of the largest term, which merge() does not need.
-#define LEAN_W F(30.0 / (2 * LT))  // |w| bound: weights within 2^+-30, and e^k times a gradient state below 2^60
+#define LEAN_W F(30.0 / (2 * LT))  // |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90
 #define LEAN_MIN F(-60)            // the smallest frame weight (log2) a lean prefix may start from
 template <typename F, bool D>
 __device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
@@ -320,7 +319,7 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
                          fw, rv);
     if (!APPLY) return;
     // y_p from the sums entering token p from the left (exponent ma, sums na, da), from the right (mc, nc, dc) and
-    // the bonus term, all scaled by 2^-top; log Z = top + log den
+    // the bonus term, all scaled by 2^-top; log2 Z = top + log2 den
     auto out = [&](int p, F ma, F na, F da, F mc, F nc, F dc) {
         const F uk = u + kk[p], top = fmax(fmax(ma, mc), uk);
         const F eA = ex(ma - top), eC = ex(mc - top), eU = ex(uk - top);
