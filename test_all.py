@@ -1441,13 +1441,31 @@ def wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale, seed=0):
     (1, 1000, 5, 1.0, 0.0, 3000.0), (4, 128 * 12 + 5, 31, 2.0, 0.0, 1.0), (1, 128 * 128, 2, 1.0, 0.0, 3.0),
     (2, 500, 8, 40.0, 0.0, 1.0)])
 def test_wkv_cuda_matches_dense(B, T, C, k_scale, k_offset, w_scale):
-    """float32 kernel vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128; decays
-    that take the kernel's exact path (w·T = 3000) and keys spread so widely (k_scale 40) that some sub-chunks of
-    the lean path fall back to it."""
+    """float32 kernel vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128, decays
+    that take the kernel's exact path (w·T = 3000), keys with standard deviation 40."""
     got, (w, u, k, v, gy) = wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale)
     ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in (w, u, k, v, gy)))
     errors = relative_errors(got, ref, wkv_scales(gy, k_scale))
     assert max(errors) < 1e-5, errors
+
+
+@needs_cupy[0]
+@needs_cupy[1]
+def test_wkv_cuda_falls_back_where_a_lean_frame_underflows():
+    """One key 150 above the three before it and the rest 150 below, with a bonus u/T = -150 that cancels the spike:
+    y at the spike is set by the tokens before it, which a frame referenced to the spike weighs 2^-216, flushed to 0.
+    The forward must take its exact path there (without that fallback this returns NaN)."""
+    T, C = 64, 4
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, T, C, generator=g) * 0.5
+    k[:, 3] += 150
+    k[:, 4:] -= 150
+    w, u = torch.rand(C, generator=g), torch.full((C,), -150.0 * T)
+    v, gy = torch.randn(1, T, C, generator=g), torch.randn(1, T, C, generator=g)
+    inputs = [t.cuda() for t in (w, u, k, v, gy)]
+    got = wkv_value_and_grads(hpcm.bi_wkv_cuda, *inputs)
+    ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in inputs))
+    assert max(relative_errors(got, ref, wkv_scales(gy, 2.0))) < 1e-5
 
 
 @needs_cupy[0]
