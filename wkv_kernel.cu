@@ -158,7 +158,7 @@ __device__ __forceinline__ int tokens(int lo, int hi, int cs, int T) {
 // The block scan: every sub-chunk's two summaries go to shared memory; warp 0 walks them left to right and warp 1
 // right to left (CW channels each, one per lane), replacing each by the state entering that sub-chunk, starting from
 // the states entering the chunk (cf, cr). A serial walk merges NS times per direction, where a parallel
-// (Hillis-Steele) scan would merge NS log2(NS) times: the kernels are instruction-bound. On return fw, rv are the
+// (Hillis-Steele) scan would merge NS log2(NS) times. On return fw, rv are the
 // states entering this thread's sub-chunk; warp 0 holds the chunk's forward summary in tf, warp 1 the reverse in tr.
 // sh: [2][NV][NS][CW] scratch, NV = 6 (D) or 4.
 template <typename F, bool D>
@@ -197,6 +197,7 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs
     __syncthreads();
 }
 
+// an empty() state, however often merged with others empty too: its r stays near the sentinel
 template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return s.r < empty<F>().r * F(0.5); }
 
 // The lean path, for a full sub-chunk (LT tokens) with |w| <= LEAN_W: no running maximum token by token. All LT
@@ -205,8 +206,8 @@ template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return
 // seen by the token before it. Every weight is below 2^(LT |w|) and the largest is above 2^-(LT |w|), so no sum
 // overflows or vanishes, and each weight is one ex2 of an exactly formed difference (fma). The states then read
 // (kmax, 0, sums): their exponent is that of kmax, not of the largest term, which merge() does not need.
-#define LEAN_W F(30.0 / (2 * LT))  // |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90
-#define LEAN_MIN F(-60)            // the smallest frame weight (log2) a lean prefix may start from
+#define LEAN_W (30.0 / (2 * LT))  // |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90
+#define LEAN_MIN (-60.0)           // the smallest frame weight (log2) a lean prefix may start from
 template <typename F, bool D>
 __device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
                                                St<F> &fw, St<F> &rv) {
@@ -251,21 +252,28 @@ __device__ __forceinline__ void exact_summaries(const F *key, const F *va, const
 
 // One side's frame for the lean apply: the carry c (the state entering the sub-chunk from that side) against the
 // sub-chunk's own weights, in whichever of the two frames is larger. `off` is the carry's exponent minus the
-// weights' frame exponent; the side's exponent at token p is base -/+ p w; sc scales the carry's sums, st the
-// weights. ok: the sums entering the first token that has any stay above 2^LEAN_MIN, so no term that matters is
-// lost to underflow (first: the weight of the side's first token).
+// weights' frame exponent (the same for both sides); the side's exponent at token p is base -/+ p w; sc scales the
+// carry's sums, st the weights. ok: the sums entering the first token that has any stay above 2^LEAN_MIN, so no
+// term that matters is lost to underflow (first: the weight of the side's first token).
 template <typename F> struct Side { F base, sc, st; bool ok; };
-template <typename F> __device__ __forceinline__ Side<F> side(St<F> c, F off, F frame_base, F carry_base, F first) {
+template <typename F>
+__device__ __forceinline__ Side<F> side(St<F> c, F kmax, F w, F frame_base, F carry_base, F first) {
+    const F off = (c.r - kmax) - (c.n + F(LT)) * w;
     const bool carry_wins = off > F(0);
     const F e = ex(-fabs(off));
     return {carry_wins ? carry_base : frame_base, carry_wins ? F(1) : e, carry_wins ? e : F(1),
-            off >= LEAN_MIN || (is_empty(c) && first >= ex(LEAN_MIN))};
+            off >= F(LEAN_MIN) || (is_empty(c) && first >= ex(F(LEAN_MIN)))};
 }
-template <typename F> __device__ __forceinline__ Side<F> left_side(St<F> c, F kmax, F w, F ef0) {
-    return side(c, (c.r - kmax) - (c.n + F(LT)) * w, fma(F(LT), w, kmax), c.r - c.n * w, ef0);
-}
-template <typename F> __device__ __forceinline__ Side<F> right_side(St<F> c, F kmax, F w, F er_last) {
-    return side(c, (c.r - kmax) - (c.n + F(LT)) * w, kmax + w, c.r - (c.n + F(LT - 1)) * w, er_last);
+// Both sides' frames, left from fw (exponent base - p w) and right from rv (base + p w); true when the lean apply
+// may run: lean summaries were taken and neither side's check failed.
+template <typename F>
+__device__ __forceinline__ bool lean_sides(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
+                                           Side<F> &L, Side<F> &R) {
+    if (lean) {
+        L = side(fw, kmax, w, fma(F(LT), w, kmax), fw.r - fw.n * w, ef[0]);
+        R = side(rv, kmax, w, kmax + w, rv.r - (rv.n + F(LT - 1)) * w, er[LT - 1]);
+    }
+    return lean && L.ok && R.ok;
 }
 
 // Summarise this thread's tokens (keys `key`, values va, vb) both ways, lean or exact, and scan the summaries across
@@ -313,7 +321,7 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
     load_tokens(v_, q, C, vv);
 #pragma unroll
     for (int p = 0; p < LT; ++p) one[p] = F(1);
-    const bool lean = q.len == LT && fabs(w) <= LEAN_W;
+    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W);
     St<F> fw, rv;
     chunk_scan<F, false>(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, sh, lean, kmax, ef, er,
                          fw, rv);
@@ -330,11 +338,7 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
         }
     };
     Side<F> L, R;
-    if (lean) {
-        L = left_side(fw, kmax, w, ef[0]);
-        R = right_side(rv, kmax, w, er[LT - 1]);
-    }
-    if (lean && L.ok && R.ok) {
+    if (lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) {
         // from the right first, keeping each token's sums in er (numerator) and dc (denominator)
         F nc = rv.a * R.sc, dcs = rv.b * R.sc, dc[LT];
 #pragma unroll
@@ -365,10 +369,11 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
         }
     st = fw;
 #pragma unroll
-    for (int p = 0; p < q.len && p < LT; ++p) {
-        out(p, expo(st, w), st.a, st.b, cm[p], ca[p], cb[p]);
-        push<F, false>(st, w, kk[p], vv[p], F(1));
-    }
+    for (int p = 0; p < LT; ++p)
+        if (p < q.len) {
+            out(p, expo(st, w), st.a, st.b, cm[p], ca[p], cb[p]);
+            push<F, false>(st, w, kk[p], vv[p], F(1));
+        }
 }
 
 template <typename F, bool D>
@@ -414,7 +419,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
     load_tokens(gy_, q, C, gg);
     load_tokens(y_, q, C, yy);
     // u >= LEAN_MIN bounds e^(k + kappa) <= e^-u for the token's own kappa, which the lean frames may use
-    const bool lean = q.len == LT && fabs(w) <= LEAN_W && u >= LEAN_MIN;
+    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W) && u >= F(LEAN_MIN);
     St<F> fw, rv;
     {
         F gyy[LT];
@@ -455,11 +460,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
         }
     };
     Side<F> L, R;
-    if (lean) {
-        L = left_side(fw, kmax, w, ef[0]);
-        R = right_side(rv, kmax, w, er[LT - 1]);
-    }
-    if (lean && L.ok && R.ok) {
+    if (lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) {
         F a = fw.a * L.sc, b = fw.b * L.sc, a2 = fw.a2 * L.sc, b2 = fw.b2 * L.sc;
 #pragma unroll
         for (int p = 0; p < LT; ++p) {
