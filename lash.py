@@ -224,19 +224,18 @@ def block(p, h, cfg, pos=None, valid=None):
     """Pre-norm block on h (B, T, D). With pos (B, N) it updates only those positions (where `valid` (B, N)):
     every token still supplies its key and value, only the listed ones get query, attention output and FFN."""
     x = rms_norm(p['attn_norm'], h, cfg.norm_eps)  # (B, T, D): keys/values of every token are needed
-    if pos is None:
+    every_token = pos is None
+    if every_token:
         pos = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         h_q, x_q = h, x
-        valid = None
     else:
         index = pos[..., None].expand(-1, -1, h.shape[-1])
         h_q, x_q = h.gather(1, index), x.gather(1, index)  # (B, N, D)
-        valid = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
     out = h_q + attention(p['attn'], x_q, pos, x, cfg)
     out = out + glu(p['ffn'], rms_norm(p['ffn_norm'], out, cfg.norm_eps))
-    if valid is None:
+    if every_token:
         return out
-    return h.scatter(1, index, torch.where(valid[..., None], out, h_q))
+    return h.scatter(1, index, out if valid is None else torch.where(valid[..., None], out, h_q))
 
 
 # ----------------------------------------------------------------------------------------------------------------

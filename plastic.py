@@ -907,4 +907,3 @@ def generated_images(rng, n, size, n_classes=10):
     colour = 0.3 + 0.7 * rng.random((n, 1, 1, 3))
     images = (wave[..., None] * 0.5 + 0.5) * colour + 0.15 * rng.standard_normal((n, size, size, 3))
     return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels.astype(np.int64)
-

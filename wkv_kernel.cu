@@ -124,30 +124,34 @@ __device__ __forceinline__ Tile tile(int T, int C) {
     return q;
 }
 
-// state of chunk row `row` in direction `dir` (0 forward, 1 reverse): (B, nchunk, 2, NV, C) with NV = 4 or 6
-template <typename F, bool D> __device__ __forceinline__ St<F> load_state(const F *S, long long row, int dir, int C,
-                                                                         int c) {
-    constexpr int NV = D ? 6 : 4;
-    const F *p = S + (row * 2 * NV + dir * NV) * C + c;
-    St<F> s{p[0], p[C], p[2 * C], p[3 * C], F(0), F(0)};
+// a state's NV = 4 (or 6 with D) values, `stride` elements apart
+template <typename F, bool D> __device__ __forceinline__ St<F> get_state(const F *p, int stride) {
+    St<F> s{p[0], p[stride], p[2 * stride], p[3 * stride], F(0), F(0)};
     if (D) {
-        s.a2 = p[4 * C];
-        s.b2 = p[5 * C];
+        s.a2 = p[4 * stride];
+        s.b2 = p[5 * stride];
     }
     return s;
 }
+template <typename F, bool D> __device__ __forceinline__ void put_state(F *p, int stride, St<F> s) {
+    p[0] = s.r;
+    p[stride] = s.n;
+    p[2 * stride] = s.a;
+    p[3 * stride] = s.b;
+    if (D) {
+        p[4 * stride] = s.a2;
+        p[5 * stride] = s.b2;
+    }
+}
+
+// state of chunk row `row` in direction `dir` (0 forward, 1 reverse): (B, nchunk, 2, NV, C) with NV = 4 or 6
+template <typename F, bool D> __device__ __forceinline__ St<F> load_state(const F *S, long long row, int dir, int C,
+                                                                         int c) {
+    return get_state<F, D>(S + (row * 2 + dir) * (D ? 6 : 4) * C + c, C);
+}
 template <typename F, bool D> __device__ __forceinline__ void store_state(F *S, long long row, int dir, int C, int c,
                                                                          St<F> s) {
-    constexpr int NV = D ? 6 : 4;
-    F *p = S + (row * 2 * NV + dir * NV) * C + c;
-    p[0] = s.r;
-    p[C] = s.n;
-    p[2 * C] = s.a;
-    p[3 * C] = s.b;
-    if (D) {
-        p[4 * C] = s.a2;
-        p[5 * C] = s.b2;
-    }
+    put_state<F, D>(S + (row * 2 + dir) * (D ? 6 : 4) * C + c, C, s);
 }
 
 // tokens held by sub-chunks lo..hi of the chunk starting at cs
@@ -166,17 +170,8 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs
                            St<F> &tr) {
     constexpr int NV = D ? 6 : 4;
     const int s = threadIdx.y, c = threadIdx.x;
-    auto put = [&](int dir, int i, St<F> q) {
-        F *p = sh + ((dir * NV) * NS + i) * CW + c;
-        p[0] = q.r; p[NS * CW] = q.n; p[2 * NS * CW] = q.a; p[3 * NS * CW] = q.b;
-        if (D) { p[4 * NS * CW] = q.a2; p[5 * NS * CW] = q.b2; }
-    };
-    auto get = [&](int dir, int i) {
-        const F *p = sh + ((dir * NV) * NS + i) * CW + c;
-        St<F> q{p[0], p[NS * CW], p[2 * NS * CW], p[3 * NS * CW], F(0), F(0)};
-        if (D) { q.a2 = p[4 * NS * CW]; q.b2 = p[5 * NS * CW]; }
-        return q;
-    };
+    auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW, q); };
+    auto get = [&](int dir, int i) { return get_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW); };
     put(0, s, fw);
     put(1, s, rv);
     __syncthreads();
