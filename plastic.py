@@ -97,22 +97,22 @@ def uniform(gen, shape, bound):
 
 def init_linear(gen, d_in, d_out, bias=True):
     """PyTorch's nn.Linear init: weight and bias uniform in ±1/sqrt(d_in)."""
-    p = {'w': uniform(gen, (d_out, d_in), 1 / math.sqrt(d_in))}
+    p = {'weight': uniform(gen, (d_out, d_in), 1 / math.sqrt(d_in))}
     if bias:
-        p['b'] = uniform(gen, (d_out,), 1 / math.sqrt(d_in))
+        p['bias'] = uniform(gen, (d_out,), 1 / math.sqrt(d_in))
     return p
 
 
 def linear(p, x):
-    return F.linear(x, p['w'], p.get('b'))
+    return F.linear(x, p['weight'], p.get('bias'))
 
 
 def init_layer_norm(d):
-    return {'w': torch.ones(d), 'b': torch.zeros(d)}
+    return {'weight': torch.ones(d), 'bias': torch.zeros(d)}
 
 
 def layer_norm(p, x):
-    return F.layer_norm(x, p['w'].shape, p['w'], p['b'])
+    return F.layer_norm(x, p['weight'].shape, p['weight'], p['bias'])
 
 
 def glu(x):
@@ -129,7 +129,7 @@ def init_attention(gen, d, heads):
     """nn.MultiheadAttention's init: packed q/k/v in-projection xavier-uniform, zero biases, out-projection as a
     Linear with zero bias."""
     out = init_linear(gen, d, d)
-    out['b'] = torch.zeros(d)
+    out['bias'] = torch.zeros(d)
     return {'in_w': uniform(gen, (3 * d, d), math.sqrt(6 / (d + 3 * d))), 'in_b': torch.zeros(3 * d), 'out': out}
 
 
@@ -171,30 +171,30 @@ def super_linear(p, x, rate=0.0, train=False):
 def init_conv(gen, c_in, c_out, k, bias=False):
     """nn.Conv2d's init: uniform in ±1/sqrt(fan_in)."""
     bound = 1 / math.sqrt(c_in * k * k)
-    p = {'w': uniform(gen, (c_out, c_in, k, k), bound)}
+    p = {'weight': uniform(gen, (c_out, c_in, k, k), bound)}
     if bias:
-        p['b'] = uniform(gen, (c_out,), bound)
+        p['bias'] = uniform(gen, (c_out,), bound)
     return p
 
 
 def conv(p, x, stride=1):
-    return F.conv2d(x, p['w'], p.get('b'), stride=stride, padding=p['w'].shape[-1] // 2)
+    return F.conv2d(x, p['weight'], p.get('bias'), stride=stride, padding=p['weight'].shape[-1] // 2)
 
 
 def init_batch_norm(c):
     """(params, buffers): learned scale/shift, and the running statistics that are not learned."""
-    return {'w': torch.ones(c), 'b': torch.zeros(c)}, {'mean': torch.zeros(c), 'var': torch.ones(c)}
+    return {'weight': torch.ones(c), 'bias': torch.zeros(c)}, {'mean': torch.zeros(c), 'var': torch.ones(c)}
 
 
 def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
     """x (B, C, H, W) -> (y, new running stats). Training normalises with the batch statistics and returns the
     updated running stats (unbiased variance, as nn.BatchNorm2d) instead of writing them in place."""
     if not train:
-        return F.batch_norm(x, buf['mean'], buf['var'], p['w'], p['b'], False, 0.0, eps), buf
+        return F.batch_norm(x, buf['mean'], buf['var'], p['weight'], p['bias'], False, 0.0, eps), buf
     mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     n = x.numel() // x.shape[1]
-    y = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + eps) * p['w'][:, None, None] \
-        + p['b'][:, None, None]
+    y = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + eps) * p['weight'][:, None, None] \
+        + p['bias'][:, None, None]
     new = {'mean': (1 - momentum) * buf['mean'] + momentum * mean.detach(),
            'var': (1 - momentum) * buf['var'] + momentum * var.detach() * n / max(n - 1, 1)}
     return y, new
@@ -217,7 +217,7 @@ def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
 # the heads with O(1) entries, so their product would otherwise grow like sqrt(In·r) and swamp the base layer.
 #
 # A hyper layer's dict is the plain layer's dict plus a 'hyper' subtree: the same tree without 'hyper' is the
-# plain CTM's parameters, and code that reads only 'w'/'b' (or 'w1'/'b1'/'T') sees the base layer.
+# plain CTM's parameters, and code that reads only 'weight'/'bias' (or 'w1'/'b1'/'T') sees the base layer.
 
 HYPER_CTX_HIDDEN = 16  # synapse compressor width: the seeds give none; see init_hyper_lora_linear
 HYPER_NLM_CTX_HIDDEN = 128  # the NLM seed's "Context net: 1024 -> 128"
@@ -232,8 +232,8 @@ def init_hypernet(gen, ctx_dims, hidden, u_rows, v_rows, rank, n_gates):
     compressor = {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)}
     head_u, head_v = init_linear(gen, hidden, u_rows * rank), init_linear(gen, hidden, v_rows * rank)
     return {'compressor': compressor,
-            'heads': {'w': torch.cat([head_u['w'], head_v['w'], torch.zeros(n_gates, hidden)]),
-                      'b': torch.cat([head_u['b'], head_v['b'], torch.zeros(n_gates)])}}
+            'heads': {'weight': torch.cat([head_u['weight'], head_v['weight'], torch.zeros(n_gates, hidden)]),
+                      'bias': torch.cat([head_u['bias'], head_v['bias'], torch.zeros(n_gates)])}}
 
 
 def hyper_heads(out, u_rows, v_rows, n_gates):
@@ -245,7 +245,7 @@ def hyper_heads(out, u_rows, v_rows, n_gates):
 
 def hypernet(h, ctx, u_rows, v_rows, n_gates):
     """ctx (B, ctx_dims) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
-    ctx_dims = h['compressor']['lin']['w'].shape[1]
+    ctx_dims = h['compressor']['lin']['weight'].shape[1]
     if ctx.dim() != 2 or ctx.shape[1] != ctx_dims:
         raise ValueError(f"ctx: expected a context of shape (B, {ctx_dims}), got {tuple(ctx.shape)}")
     c = F.silu(layer_norm(h['compressor']['ln'], linear(h['compressor']['lin'], ctx)))  # (B, hidden)
@@ -253,7 +253,7 @@ def hypernet(h, ctx, u_rows, v_rows, n_gates):
 
 
 def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_CTX_HIDDEN):
-    """HyperLoRALinear: init_linear's 'w' (Out, In) and 'b', plus its own hypernetwork under 'hyper'.
+    """HyperLoRALinear: init_linear's 'weight' (Out, In) and 'bias', plus its own hypernetwork under 'hyper'.
 
     hidden=16, the U-Net's narrowest width, gives 88,962 added parameters for hyper_layers='bottleneck' at
     d_model=1024, d_input=256, depth 8, rank 8 against the seeds' ≈100K, the one synapse figure of theirs that
@@ -275,7 +275,7 @@ def lora(p, x, u, v, gate):
 
 def hyper_lora_linear(p, x, ctx):
     """x (B, In), ctx (B, ctx_dims) -> x W_t^T + b (B, Out), W_t = W + gate·scale·U V^T, never forming W_t."""
-    out_dims, in_dims = p['w'].shape
+    out_dims, in_dims = p['weight'].shape
     if x.dim() != 2 or x.shape[1] != in_dims or x.shape[0] != ctx.shape[0]:
         raise ValueError(f"x: expected (B, {in_dims}) with the context's B = {ctx.shape[0]}, got {tuple(x.shape)}")
     return lora(p, x, *hypernet(p['hyper'], ctx, out_dims, in_dims, 1))
@@ -283,9 +283,9 @@ def hyper_lora_linear(p, x, ctx):
 
 def hyper_lora_dense_weight(p, ctx):
     """W_t = W + gate·scale·U V^T as a dense (B, Out, In) tensor, for teaching and tests (never in a forward)."""
-    out_dims, in_dims = p['w'].shape
+    out_dims, in_dims = p['weight'].shape
     u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
-    return p['w'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * lora_scale(in_dims, u.shape[-1])
+    return p['weight'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * lora_scale(in_dims, u.shape[-1])
 
 
 def init_hyper_super_linear(gen, in_dims, out_dims, n, rank, ctx_dims, do_norm=False, hidden=HYPER_NLM_CTX_HIDDEN):
@@ -374,26 +374,26 @@ def synapse_hypernets(p):
     hypers = [lin['hyper'] for lin in synapse_hyper_layers(p)]
     if not hypers:
         return None
-    if len({h['compressor']['ln']['w'].shape for h in hypers}) != 1:
+    if len({h['compressor']['ln']['weight'].shape for h in hypers}) != 1:
         raise ValueError('synapse_hypernets: every φ must have one width, so that one GroupNorm can normalise them')
     heads = [h['heads'] for h in hypers]
-    same = all(q['w'].shape == heads[0]['w'].shape for q in heads)
-    return {'lin': {k: torch.cat([h['compressor']['lin'][k] for h in hypers]) for k in ('w', 'b')},
-            'norm': {k: torch.cat([h['compressor']['ln'][k] for h in hypers]) for k in ('w', 'b')},
-            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('w', 'b')} if same else None}
+    same = all(q['weight'].shape == heads[0]['weight'].shape for q in heads)
+    return {'lin': {k: torch.cat([h['compressor']['lin'][k] for h in hypers]) for k in ('weight', 'bias')},
+            'norm': {k: torch.cat([h['compressor']['ln'][k] for h in hypers]) for k in ('weight', 'bias')},
+            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('weight', 'bias')} if same else None}
 
 
 def synapse_plastic_weights(p, hypernets, x):
     """pre_synapse_input x (B, ctx_dims) -> (U, V, gate) of every hyper Linear, in synapse_hyper_layers' order."""
     hyper = synapse_hyper_layers(p)
     n = len(hyper)
-    c = F.silu(F.group_norm(linear(hypernets['lin'], x), n, hypernets['norm']['w'], hypernets['norm']['b']))
+    c = F.silu(F.group_norm(linear(hypernets['lin'], x), n, hypernets['norm']['weight'], hypernets['norm']['bias']))
     if hypernets['heads'] is not None:
         cs = rearrange(c, 'b (n h) -> n b h', n=n)
-        outs = torch.baddbmm(hypernets['heads']['b'][:, None], cs, hypernets['heads']['w'].transpose(1, 2)).unbind(0)
+        outs = torch.baddbmm(hypernets['heads']['bias'][:, None], cs, hypernets['heads']['weight'].transpose(1, 2)).unbind(0)
     else:
         outs = [linear(lin['hyper']['heads'], ci) for lin, ci in zip(hyper, c.chunk(n, dim=1))]
-    return [hyper_heads(out, *lin['w'].shape, 1) for lin, out in zip(hyper, outs)]
+    return [hyper_heads(out, *lin['weight'].shape, 1) for lin, out in zip(hyper, outs)]
 
 
 def synapse_unet(p, x, rate=0.0, train=False, hypernets=None):

@@ -240,10 +240,10 @@ def test_ctm_certainty_is_one_minus_hand_entropy():
 def original_unet(p, x):
     """The original SynapseUNET forward written with torch.nn modules carrying the same weights."""
     def seq(level):
-        lin = torch.nn.Linear(*reversed(level['lin']['w'].shape))
-        ln = torch.nn.LayerNorm(level['ln']['w'].shape[0])
+        lin = torch.nn.Linear(*reversed(level['lin']['weight'].shape))
+        ln = torch.nn.LayerNorm(level['ln']['weight'].shape[0])
         with torch.no_grad():
-            lin.weight.copy_(level['lin']['w']), lin.bias.copy_(level['lin']['b'])
+            lin.weight.copy_(level['lin']['weight']), lin.bias.copy_(level['lin']['bias'])
         return torch.nn.Sequential(lin, ln, torch.nn.SiLU())
     first, downs, ups = seq(p['first']), [seq(q) for q in p['down']], [seq(q) for q in p['up']]
     outs_down = [first(x)]
@@ -262,13 +262,13 @@ def test_ctm_synapse_unet_widths_and_forward():
     assert plastic.synapse_widths(100, 3) == [100, 58, 16]
     gen = torch.Generator().manual_seed(0)
     p = plastic.init_synapse_unet(gen, 24, 100, 3)
-    assert [q['lin']['w'].shape for q in p['down']] == [(58, 100), (16, 58)]
-    assert [q['lin']['w'].shape for q in p['up']] == [(100, 58), (58, 16)]
-    assert p['first']['lin']['w'].shape == (100, 24)
+    assert [q['lin']['weight'].shape for q in p['down']] == [(58, 100), (16, 58)]
+    assert [q['lin']['weight'].shape for q in p['up']] == [(100, 58), (58, 16)]
+    assert p['first']['lin']['weight'].shape == (100, 24)
     x = torch.randn(5, 24, generator=gen)
     torch.testing.assert_close(plastic.synapse_unet(p, x), original_unet(p, x))
     shallow = plastic.init_synapse_unet(gen, 24, 10, 1)
-    h = x @ shallow['first']['lin']['w'].t() + shallow['first']['lin']['b']
+    h = x @ shallow['first']['lin']['weight'].t() + shallow['first']['lin']['bias']
     expected = torch.nn.functional.layer_norm(h[:, :10] * torch.sigmoid(h[:, 10:]), (10,))
     torch.testing.assert_close(plastic.synapse_unet(shallow, x), expected)
 
@@ -281,7 +281,7 @@ def test_ctm_attention_matches_torch_multihead_attention():
         mha.in_proj_weight.copy_(p['in_w'])
         mha.in_proj_bias.copy_(torch.randn(48, generator=gen))
         p['in_b'] = mha.in_proj_bias.detach().clone()
-        mha.out_proj.weight.copy_(p['out']['w']), mha.out_proj.bias.copy_(p['out']['b'])
+        mha.out_proj.weight.copy_(p['out']['weight']), mha.out_proj.bias.copy_(p['out']['bias'])
     q, kv = torch.randn(3, 1, 16, generator=gen), torch.randn(3, 7, 16, generator=gen)
     keys_values = plastic.attention_keys_values(p, kv, 4)
     torch.testing.assert_close(plastic.attention(p, q, keys_values, 4), mha(q, kv, kv)[0], rtol=1e-5, atol=1e-5)
@@ -350,10 +350,10 @@ def test_ctm_backbones_shapes_and_batch_norm_buffers(kind, channels, side):
 def test_ctm_batch_norm_matches_torch_and_returns_new_stats():
     gen = torch.Generator().manual_seed(0)
     p, buf = plastic.init_batch_norm(3)
-    p = {'w': torch.rand(3, generator=gen) + 0.5, 'b': torch.randn(3, generator=gen)}
+    p = {'weight': torch.rand(3, generator=gen) + 0.5, 'bias': torch.randn(3, generator=gen)}
     bn = torch.nn.BatchNorm2d(3)
     with torch.no_grad():
-        bn.weight.copy_(p['w']), bn.bias.copy_(p['b'])
+        bn.weight.copy_(p['weight']), bn.bias.copy_(p['bias'])
     x = torch.randn(4, 3, 5, 5, generator=gen) * 2 + 1
     y, new = plastic.batch_norm(p, buf, x, train=True)
     torch.testing.assert_close(y, bn(x))
@@ -485,7 +485,7 @@ def test_ctm_positional_embeddings():
     angles = [0.0, math.pi / 2, math.pi]  # (0, 1) rotated by 0, 90, 180 degrees
     for k, a in enumerate(angles):
         vec = torch.tensor([-math.sin(a), math.cos(a)])
-        torch.testing.assert_close(pe[0, :, k], p['proj']['w'] @ vec + p['proj']['b'], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pe[0, :, k], p['proj']['weight'] @ vec + p['proj']['bias'], atol=1e-6, rtol=0)
     assert plastic.positional_embedding({}, 'none', features) == 0
 
 
@@ -593,13 +593,13 @@ def rank_of(m):
 
 def hand_hypernet(h, ctx, u_rows, v_rows, rank):
     """The hypernetwork as the seeds write it, head by head: c = SiLU(LayerNorm(Linear(ctx))), U, V, tanh gate."""
-    c = ctx @ h['compressor']['lin']['w'].t() + h['compressor']['lin']['b']
+    c = ctx @ h['compressor']['lin']['weight'].t() + h['compressor']['lin']['bias']
     c = (c - c.mean(-1, keepdim=True)) / torch.sqrt(c.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    c = c * h['compressor']['ln']['w'] + h['compressor']['ln']['b']
+    c = c * h['compressor']['ln']['weight'] + h['compressor']['ln']['bias']
     c = c * torch.sigmoid(c)
     rows = {'u': slice(0, u_rows * rank), 'v': slice(u_rows * rank, (u_rows + v_rows) * rank),
             'gate': slice((u_rows + v_rows) * rank, None)}
-    head = lambda name: c @ h['heads']['w'][rows[name]].t() + h['heads']['b'][rows[name]]
+    head = lambda name: c @ h['heads']['weight'][rows[name]].t() + h['heads']['bias'][rows[name]]
     return (head('u').reshape(len(ctx), u_rows, rank), head('v').reshape(len(ctx), v_rows, rank),
             torch.tanh(head('gate')))
 
@@ -615,9 +615,9 @@ def test_hyper_lora_linear_equals_dense_weight_and_low_rank(b, in_dims, out_dims
     x, ctx, ctx2 = (torch.randn(b, d, generator=gen, dtype=torch.float64) for d in (in_dims, ctx_dims, ctx_dims))
     w_t = plastic.hyper_lora_dense_weight(p, ctx)  # (B, Out, In)
     u, v, gate = hand_hypernet(p['hyper'], ctx, out_dims, in_dims, rank)
-    torch.testing.assert_close(w_t, p['w'] + gate[:, :, None] * (u @ v.transpose(1, 2)) / math.sqrt(in_dims * rank))
+    torch.testing.assert_close(w_t, p['weight'] + gate[:, :, None] * (u @ v.transpose(1, 2)) / math.sqrt(in_dims * rank))
     y = plastic.hyper_lora_linear(p, x, ctx)
-    torch.testing.assert_close(y, torch.einsum('boi,bi->bo', w_t, x) + p['b'])
+    torch.testing.assert_close(y, torch.einsum('boi,bi->bo', w_t, x) + p['bias'])
     # the dense W_t is what autograd sees as dy/dx, and moving the context changes it by rank <= 2r
     jac = per_sample_jacobian(lambda xi, ci: plastic.hyper_lora_linear(p, xi, ci), x, ctx)
     torch.testing.assert_close(jac, w_t)
@@ -636,10 +636,10 @@ def test_hyper_super_linear_per_neuron_loop_and_low_rank(b, in_dims, out_dims, r
     p['b1'] = torch.randn(p['b1'].shape, generator=gen, dtype=torch.float64)
     p['T'] = p['T'] * 1.7
     if do_norm:
-        p['ln'] = {k: torch.randn(in_dims, generator=gen, dtype=torch.float64) for k in ('w', 'b')}
+        p['ln'] = {k: torch.randn(in_dims, generator=gen, dtype=torch.float64) for k in ('weight', 'bias')}
     trace = torch.randn(b, neurons, in_dims, generator=gen, dtype=torch.float64)
     ctx, ctx2 = (torch.randn(b, ctx_dims, generator=gen, dtype=torch.float64) for _ in range(2))
-    x = F.layer_norm(trace, (in_dims,), p['ln']['w'], p['ln']['b']) if do_norm else trace
+    x = F.layer_norm(trace, (in_dims,), p['ln']['weight'], p['ln']['bias']) if do_norm else trace
     w_t = plastic.hyper_super_linear_dense_weight(p, ctx)  # (B, In, Out, D)
     u, v, gate = hand_hypernet(p['hyper'], ctx, in_dims, out_dims, rank)
     shared = (u @ v.transpose(1, 2)) / math.sqrt(in_dims * rank)  # (B, In, Out): one U V^T, a gate per neuron
@@ -761,12 +761,12 @@ def hand_hyper_unet(p, x, rank):
     """HyperSynapseUNET written out layer by layer, each hyper Linear from its own hand_hypernet(pre_synapse_input):
     the oracle for synapse_unet's stacked hypernetworks (which must hand each layer its own φ and heads)."""
     def lin(q, h):
-        y = h @ q['w'].t() + q['b']
+        y = h @ q['weight'].t() + q['bias']
         if 'hyper' not in q:
             return y
-        u, v, gate = hand_hypernet(q['hyper'], x, q['w'].shape[0], q['w'].shape[1], rank)
-        return y + gate * torch.einsum('bor,bir,bi->bo', u, v, h) / math.sqrt(q['w'].shape[1] * rank)
-    ln = lambda q, h: F.layer_norm(h, h.shape[-1:], q['w'], q['b'])
+        u, v, gate = hand_hypernet(q['hyper'], x, q['weight'].shape[0], q['weight'].shape[1], rank)
+        return y + gate * torch.einsum('bor,bir,bi->bo', u, v, h) / math.sqrt(q['weight'].shape[1] * rank)
+    ln = lambda q, h: F.layer_norm(h, h.shape[-1:], q['weight'], q['bias'])
     if 'down' not in p:
         return ln(p['first']['ln'], F.glu(lin(p['first']['lin'], x)))
     outs = [F.silu(ln(p['first']['ln'], lin(p['first']['lin'], x)))]
@@ -790,7 +790,7 @@ def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers,
     p = to_double(plastic.init_synapse_unet(gen, 7, 20, depth, hyper_layers, rank))
     open_all_gates(p, seed)
     for q in plastic.synapse_hyper_layers(p):  # distinct φ LayerNorms, so that a swapped context would show
-        q['hyper']['compressor']['ln'] = {k: torch.randn(16, generator=gen, dtype=torch.float64) for k in 'wb'}
+        q['hyper']['compressor']['ln'] = {k: torch.randn(16, generator=gen, dtype=torch.float64) for k in ('weight', 'bias')}
     x = torch.randn(3, 7, generator=gen, dtype=torch.float64)
     expect = hand_hyper_unet(p, x, rank)
     torch.testing.assert_close(plastic.synapse_unet(p, x), expect)
@@ -800,13 +800,13 @@ def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers,
     layers = plastic.synapse_hyper_layers(p)
     assert len(layers) == len(expected_plastic_layers(hyper_layers, False, True, 7, 20, depth))
     for lin, got in zip(layers, plastic.synapse_plastic_weights(p, stacked, x) if layers else []):
-        for a, b in zip(got, hand_hypernet(lin['hyper'], x, *lin['w'].shape, rank)):
+        for a, b in zip(got, hand_hypernet(lin['hyper'], x, *lin['weight'].shape, rank)):
             torch.testing.assert_close(a, b)
     if hyper_layers == 'bottleneck' or (hyper_layers in ('down', 'up') and depth == 2):
         assert stacked['heads'] is not None  # the two bottleneck Linears share a shape: one batched matmul
     if hyper_layers in ('down', 'up', 'all') and depth >= 3:
         assert stacked['heads'] is None
-        layers[0]['hyper']['compressor']['ln'] = {k: torch.ones(5) for k in 'wb'}
+        layers[0]['hyper']['compressor']['ln'] = {k: torch.ones(5) for k in ('weight', 'bias')}
         with pytest.raises(ValueError, match='one width'):
             plastic.synapse_hypernets(p)
 
@@ -840,8 +840,8 @@ def test_hyper_ctm_starts_as_the_plain_ctm(hyper_layers, use_hyper_nlm, deep, de
     assert plastic_layers == [name for name, _, _ in expected]
     for name, d_in, d_out in expected:
         if d_in is not None:
-            assert flat[f'{name}.w'].shape == (d_out, d_in)
-            assert flat[f'{name}.hyper.compressor.lin.w'].shape[1] == cfg.d_input + cfg.d_model  # pre_synapse_input
+            assert flat[f'{name}.weight'].shape == (d_out, d_in)
+            assert flat[f'{name}.hyper.compressor.lin.weight'].shape[1] == cfg.d_input + cfg.d_model  # pre_synapse_input
     plain_cfg = small_ctm_config(deep_nlms=deep, synapse_depth=depth)
     x = torch.randn(3, cfg.in_channels, 3, 3, generator=gen)
     hyper_out = plastic.ctm_forward(params, buffers, x, cfg)
@@ -876,7 +876,7 @@ def test_hyper_train_cli_use_hyper_runs_and_flags_are_checked(tmp_path):
     assert 'solve_rate' in ok.stdout
     saved = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     assert saved['args']['hyper_layers'] == 'bottleneck'
-    assert {'synapses.down.2.lin.hyper.heads.w', 'nlm.l2.hyper.heads.w'} <= set(train.flatten(saved['params']))
+    assert {'synapses.down.2.lin.hyper.heads.weight', 'nlm.l2.hyper.heads.weight'} <= set(train.flatten(saved['params']))
     bad = run_train('ctm', '--hyper_layers', 'down', '--training_iterations', '1', '--log_dir', str(tmp_path))
     assert bad.returncode != 0 and '--hyper_layers down needs --use_hyper' in bad.stderr
 
