@@ -205,51 +205,44 @@ def batch_norm(p, buf, x, train, momentum=0.1, eps=1e-5):
 #
 # A plastic layer's weight follows the thought: W_t = W_base + gate(c) * U(c) V(c)^T with c = φ(context). φ, the
 # context compressor, is Linear -> LayerNorm -> SiLU (the seeds: "a single-layer MLP with Layer Normalization";
-# they do not name the activation, SiLU is the one the synapse U-Net already uses). Three heads read c: U, V and
-# the gate, stored as the row blocks of one Linear. The product is never formed: y = x W^T + b + gate * scale *
-# U (V^T x) costs O(In·Out + r(In + Out)).
+# they do not name the activation, SiLU is the one the synapse U-Net already uses). Three heads read c, each a
+# Linear: head_u gives U, head_v gives V, head_gate the gate. The product is never formed: y = x W^T + b + gate *
+# scale * U (V^T x) costs O(In·Out + r(In + Out)).
 #
-# At init the gate rows are all zeros, so gate = tanh(0) = 0 and every hyper configuration is exactly the plain
-# CTM. The seeds state no init; we zero the gate rather than the U/V heads because the gate is the knob the NLM
-# seed gives each neuron ("some neurons plastic, others fixed": all start fixed), and with U, V already random the
-# gate's own gradient is non-zero from the first step (zero U/V heads and a zero gate together would never move).
-# tanh keeps |gate| <= 1, and scale = 1/sqrt(In·r) keeps gate·U V^T x on the scale of W x: U and V come out of
-# the heads with O(1) entries, so their product would otherwise grow like sqrt(In·r) and swamp the base layer.
+# At init head_gate is all zeros, so gate = tanh(0) = 0 and every hyper configuration is exactly the plain CTM. The
+# seeds state no init; we zero the gate rather than the U/V heads because the gate is the knob the NLM seed gives
+# each neuron ("some neurons plastic, others fixed": all start fixed), and with U, V already random the gate's own
+# gradient is non-zero from the first step (zero U/V heads and a zero gate together would never move). tanh keeps
+# |gate| <= 1, and scale = 1/sqrt(In·r) keeps gate·U V^T x on the scale of W x: U and V come out of the heads with
+# O(1) entries, so their product would otherwise grow like sqrt(In·r) and swamp the base layer.
 #
 # A hyper layer's dict is the plain layer's dict plus a 'hyper' subtree: the same tree without 'hyper' is the
 # plain CTM's parameters, and code that reads only 'weight'/'bias' (or 'w1'/'b1'/'T') sees the base layer.
 
 HYPER_CTX_HIDDEN = 16  # synapse compressor width: the seeds give none; see init_hyper_lora_linear
 HYPER_NLM_CTX_HIDDEN = 128  # the NLM seed's "Context net: 1024 -> 128"
+HYPER_HEADS = ('head_u', 'head_v', 'head_gate')
 
 
 def init_hypernet(gen, ctx_dims, hidden, u_rows, v_rows, rank, n_gates):
-    """φ (ctx_dims -> hidden) and the three heads stacked in one Linear 'heads': rows [U (u_rows·rank) |
-    V (v_rows·rank) | n_gates gates], the gate rows zero. One Linear, not three: at a CTM tick's batch size each
-    kernel launch, and each per-tick gradient accumulation into a separate tensor, costs more than the FLOPs."""
+    """{'compressor': φ (ctx_dims -> hidden), 'head_u': Linear(hidden -> u_rows·rank), 'head_v': Linear(hidden ->
+    v_rows·rank), 'head_gate': Linear(hidden -> n_gates), all zeros}."""
     if rank < 1:
         raise ValueError(f"rank: expected a positive hyper rank, got {rank}")
-    compressor = {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)}
-    head_u, head_v = init_linear(gen, hidden, u_rows * rank), init_linear(gen, hidden, v_rows * rank)
-    return {'compressor': compressor,
-            'heads': {'weight': torch.cat([head_u['weight'], head_v['weight'], torch.zeros(n_gates, hidden)]),
-                      'bias': torch.cat([head_u['bias'], head_v['bias'], torch.zeros(n_gates)])}}
+    return {'compressor': {'lin': init_linear(gen, ctx_dims, hidden), 'ln': init_layer_norm(hidden)},
+            'head_u': init_linear(gen, hidden, u_rows * rank), 'head_v': init_linear(gen, hidden, v_rows * rank),
+            'head_gate': {'weight': torch.zeros(n_gates, hidden), 'bias': torch.zeros(n_gates)}}
 
 
-def hyper_heads(out, u_rows, v_rows, n_gates):
-    """The heads' output (B, rows) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
-    rank = (out.shape[1] - n_gates) // (u_rows + v_rows)
-    u, v, gate = out.split([u_rows * rank, v_rows * rank, n_gates], dim=1)
-    return u.unflatten(1, (u_rows, rank)), v.unflatten(1, (v_rows, rank)), torch.tanh(gate)
-
-
-def hypernet(h, ctx, u_rows, v_rows, n_gates):
+def hypernet(h, ctx, u_rows, v_rows):
     """ctx (B, ctx_dims) -> U (B, u_rows, r), V (B, v_rows, r), gate (B, n_gates) in [-1, 1]."""
     ctx_dims = h['compressor']['lin']['weight'].shape[1]
     if ctx.dim() != 2 or ctx.shape[1] != ctx_dims:
         raise ValueError(f"ctx: expected a context of shape (B, {ctx_dims}), got {tuple(ctx.shape)}")
     c = F.silu(layer_norm(h['compressor']['ln'], linear(h['compressor']['lin'], ctx)))  # (B, hidden)
-    return hyper_heads(linear(h['heads'], c), u_rows, v_rows, n_gates)
+    u = linear(h['head_u'], c).unflatten(1, (u_rows, -1))
+    v = linear(h['head_v'], c).unflatten(1, (v_rows, -1))
+    return u, v, torch.tanh(linear(h['head_gate'], c))
 
 
 def init_hyper_lora_linear(gen, in_dims, out_dims, rank, ctx_dims, hidden=HYPER_CTX_HIDDEN):
@@ -278,14 +271,19 @@ def hyper_lora_linear(p, x, ctx):
     out_dims, in_dims = p['weight'].shape
     if x.dim() != 2 or x.shape[1] != in_dims or x.shape[0] != ctx.shape[0]:
         raise ValueError(f"x: expected (B, {in_dims}) with the context's B = {ctx.shape[0]}, got {tuple(x.shape)}")
-    return lora(p, x, *hypernet(p['hyper'], ctx, out_dims, in_dims, 1))
+    return lora(p, x, *hypernet(p['hyper'], ctx, out_dims, in_dims))
 
 
 def hyper_lora_dense_weight(p, ctx):
     """W_t = W + gate·scale·U V^T as a dense (B, Out, In) tensor, for teaching and tests (never in a forward)."""
     out_dims, in_dims = p['weight'].shape
-    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims, 1)
+    u, v, gate = hypernet(p['hyper'], ctx, out_dims, in_dims)
     return p['weight'] + gate[:, :, None] * torch.einsum('bor,bir->boi', u, v) * lora_scale(in_dims, u.shape[-1])
+
+
+def plastic_linear(p, x, ctx):
+    """A Linear that is plastic (a HyperLoRALinear reading ctx) when its dict carries a hypernetwork."""
+    return hyper_lora_linear(p, x, ctx) if 'hyper' in p else linear(p, x)
 
 
 def init_hyper_super_linear(gen, in_dims, out_dims, n, rank, ctx_dims, do_norm=False, hidden=HYPER_NLM_CTX_HIDDEN):
@@ -305,7 +303,7 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
     x = dropout(trace, rate, train)  # once, so that the base and plastic paths see the same dropout mask
     if 'ln' in p:
         x = layer_norm(p['ln'], x)
-    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims, n)
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
     delta = torch.bmm(torch.bmm(x, u), v.transpose(1, 2))  # (B, N, Out): (x U) V^T for every neuron at once
     # x is already dropped out and normalised: the base path is super_linear without its dropout and 'ln'
     return torch.addcmul(super_linear({k: p[k] for k in ('w1', 'b1', 'T')}, x), delta, (gate / p['T'])[:, :, None],
@@ -315,7 +313,7 @@ def hyper_super_linear(p, trace, ctx, rate=0.0, train=False):
 def hyper_super_linear_dense_weight(p, ctx):
     """Every neuron's W_d + gate_d·scale·U V^T as a dense (B, In, Out, N) tensor, w1's layout (tests, teaching)."""
     in_dims, out_dims, n = p['w1'].shape
-    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims, n)
+    u, v, gate = hypernet(p['hyper'], ctx, in_dims, out_dims)
     return (p['w1'] + gate[:, None, None, :] * torch.einsum('bmr,bhr->bmh', u, v)[..., None]
             * lora_scale(in_dims, u.shape[-1]))
 
@@ -358,62 +356,23 @@ def init_synapse_unet(gen, d_in, d_model, depth, hyper_layers='none', hyper_rank
             'skip_ln': [init_layer_norm(widths[i]) for i in range(depth - 1)]}
 
 
-def synapse_hyper_layers(p):
-    """HyperSynapseUNET's plastic Linears, in the order synapse_unet applies them."""
-    levels = [p['first'], *p.get('down', []), *reversed(p.get('up', []))]
-    return [level['lin'] for level in levels if 'hyper' in level['lin']]
+def synapse_unet(p, x, rate=0.0, train=False, layer=None):
+    """pre_synapse_input x (B, d_input + d_model) -> state (B, d_model).
 
-
-def synapse_hypernets(p):
-    """Every hypernetwork of a HyperSynapseUNET reads the same pre_synapse_input, so they run as one (None without
-    hyper layers): their φ Linears stacked row-wise, their LayerNorms as one GroupNorm (a group per hypernetwork),
-    their heads as one batched matmul when all have one shape (the two bottleneck Linears do; else 'heads' is
-    None and each runs its own). ctm_think stacks once per forward, outside the tick loop, as it does the attention
-    keys: a tick is launch-bound, and one wide matmul (with one gradient accumulation per tensor) costs what one
-    narrow one does."""
-    hypers = [lin['hyper'] for lin in synapse_hyper_layers(p)]
-    if not hypers:
-        return None
-    if len({h['compressor']['ln']['weight'].shape for h in hypers}) != 1:
-        raise ValueError('synapse_hypernets: every φ must have one width, so that one GroupNorm can normalise them')
-    heads = [h['heads'] for h in hypers]
-    same = all(q['weight'].shape == heads[0]['weight'].shape for q in heads)
-    return {'lin': {k: torch.cat([h['compressor']['lin'][k] for h in hypers]) for k in ('weight', 'bias')},
-            'norm': {k: torch.cat([h['compressor']['ln'][k] for h in hypers]) for k in ('weight', 'bias')},
-            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('weight', 'bias')} if same else None}
-
-
-def synapse_plastic_weights(p, hypernets, x):
-    """pre_synapse_input x (B, ctx_dims) -> (U, V, gate) of every hyper Linear, in synapse_hyper_layers' order."""
-    hyper = synapse_hyper_layers(p)
-    n = len(hyper)
-    c = F.silu(F.group_norm(linear(hypernets['lin'], x), n, hypernets['norm']['weight'], hypernets['norm']['bias']))
-    if hypernets['heads'] is not None:
-        cs = rearrange(c, 'b (n h) -> n b h', n=n)
-        outs = torch.baddbmm(hypernets['heads']['bias'][:, None], cs, hypernets['heads']['weight'].transpose(1, 2)).unbind(0)
-    else:
-        outs = [linear(lin['hyper']['heads'], ci) for lin, ci in zip(hyper, c.chunk(n, dim=1))]
-    return [hyper_heads(out, *lin['weight'].shape, 1) for lin, out in zip(hyper, outs)]
-
-
-def synapse_unet(p, x, rate=0.0, train=False, hypernets=None):
-    """pre_synapse_input (B, d_input + d_model) -> state (B, d_model). hypernets: synapse_hypernets(p), if the
-    caller has stacked them already."""
-    hyper = synapse_hyper_layers(p)
-    if hyper and hypernets is None:
-        hypernets = synapse_hypernets(p)
-    plastic = iter(synapse_plastic_weights(p, hypernets, x) if hyper else ())
-    lin = lambda q, h: lora(q, h, *next(plastic)) if 'hyper' in q else linear(q, h)
+    Every Linear is plastic_linear(q, h, x): a HyperLoRALinear applies W_t = W + gate·U(c)V(c)^T with its own
+    hypernetwork reading c = x, the pre_synapse_input. `layer(name, q, h)`, if given, applies Linear `name`
+    ('first', 'down.i', 'up.i') instead: synapse_unet_stacked's fast path, after the model."""
+    layer = layer or (lambda name, q, h: plastic_linear(q, h, x))
     if 'down' not in p:
-        return layer_norm(p['first']['ln'], glu(lin(p['first']['lin'], dropout(x, rate, train))))
-    outs_down = [F.silu(layer_norm(p['first']['ln'], lin(p['first']['lin'], x)))]
-    for block in p['down']:
-        h = lin(block['lin'], dropout(outs_down[-1], rate, train))
+        return layer_norm(p['first']['ln'], glu(layer('first', p['first']['lin'], dropout(x, rate, train))))
+    outs_down = [F.silu(layer_norm(p['first']['ln'], layer('first', p['first']['lin'], x)))]
+    for i, block in enumerate(p['down']):
+        h = layer(f'down.{i}', block['lin'], dropout(outs_down[-1], rate, train))
         outs_down.append(F.silu(layer_norm(block['ln'], h)))
     out = outs_down[-1]
     for i in reversed(range(len(p['up']))):
         block = p['up'][i]
-        up = F.silu(layer_norm(block['ln'], lin(block['lin'], dropout(out, rate, train))))
+        up = F.silu(layer_norm(block['ln'], layer(f'up.{i}', block['lin'], dropout(out, rate, train))))
         out = layer_norm(p['skip_ln'][i], up + outs_down[i])
     return out
 
@@ -665,11 +624,12 @@ def ctm_features(params, buffers, x, cfg, train=False):
     return kv, {**buffers, 'backbone': new_backbone}
 
 
-def ctm_think(params, buffers, kv, cfg, train=False):
+def ctm_think(params, buffers, kv, cfg, train=False, stacked=False):
     """The internal ticks over fixed features kv -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out).
 
     decay_params are clamped to [0, 15] here, as a pure function; the original clamps the parameter in place every
-    forward, which training reproduces by projecting it back into [0, 15] after each optimizer step."""
+    forward, which training reproduces by projecting it back into [0, 15] after each optimizer step. stacked=True
+    runs the synapses on the fast path after the model (stack_hypernets, synapse_unet_stacked): the same function."""
     B = kv.shape[0]
     trace = params['start_trace'].expand(B, -1, -1)  # (B, D, M)
     activated_state = params['start_activated_state'].expand(B, -1)  # (B, D)
@@ -680,7 +640,7 @@ def ctm_think(params, buffers, kv, cfg, train=False):
     _, alpha_out, beta_out = synchronisation(activated_state, None, None, r_out, *pairs_out)
     alpha_action = beta_action = None
     keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
-    hypernets = synapse_hypernets(params['synapses'])
+    hypernets = stack_hypernets(params['synapses']) if stacked else None  # once per forward, like the keys
     predictions, certainties = [], []
     for _ in range(cfg.iterations):
         sync_action, alpha_action, beta_action = synchronisation(activated_state, alpha_action, beta_action,
@@ -688,7 +648,8 @@ def ctm_think(params, buffers, kv, cfg, train=False):
         q = linear(params['q_proj'], sync_action)[:, None]  # (B, 1, d_input)
         attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
         pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)  # (B, d_input + D)
-        state = synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train, hypernets)  # (B, D)
+        state = (synapse_unet_stacked(params['synapses'], hypernets, pre_synapse_input, cfg.dropout, train)
+                 if stacked else synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train))  # (B, D)
         trace = torch.cat([trace[..., 1:], state[..., None]], dim=-1)
         activated_state = nlm(params['nlm'], trace, activated_state, cfg, train)
         sync_out, alpha_out, beta_out = synchronisation(activated_state, alpha_out, beta_out, r_out, *pairs_out)
@@ -698,13 +659,73 @@ def ctm_think(params, buffers, kv, cfg, train=False):
     return torch.stack(predictions, -1), torch.stack(certainties, -1), sync_out
 
 
-def ctm_forward(params, buffers, x, cfg, train=False):
+def ctm_forward(params, buffers, x, cfg, train=False, stacked=False):
     """x -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out (B, synch size out)).
 
     Dropout (train=True) draws from torch's global RNG. Batch-norm running statistics are not updated here: a
     training step that wants them calls ctm_features (which returns the new buffers) and then ctm_think."""
     kv, _ = ctm_features(params, buffers, x, cfg, train)
-    return ctm_think(params, buffers, kv, cfg, train)
+    return ctm_think(params, buffers, kv, cfg, train, stacked)
+
+
+# ================================================================================================================
+# fast path: the synapse hypernetworks stacked (an optimisation of synapse_unet; ctm_think(stacked=True), which
+# `train.py ctm` uses on its captured CUDA path)
+#
+# A tick is launch-bound: each small matmul costs what a wide one does, in the forward and again in the backward
+# (one gradient accumulation per tensor). Every hypernetwork of the U-Net reads the same pre_synapse_input, so they
+# can run as one, the way torch.func.stack_module_state turns modules into stacked tensors: stack_hypernets builds
+# the stacked tensors from the readable params (which stay the only ones stored and trained: it runs inside the
+# forward, so gradients flow back through the stacking), synapse_unet_stacked applies them.
+
+
+def synapse_hyper_layers(p):
+    """{name: Linear dict} of HyperSynapseUNET's plastic Linears, named as synapse_unet's `layer` names them."""
+    named = {'first': p['first']['lin'], **{f'{way}.{i}': block['lin'] for way in ('down', 'up')
+                                             for i, block in enumerate(p.get(way, []))}}
+    return {name: lin for name, lin in named.items() if 'hyper' in lin}
+
+
+def stack_hypernets(p):
+    """HyperSynapseUNET's hypernetworks as one (None without hyper layers): their φ Linears stacked row-wise into
+    one Linear 'lin', their LayerNorms one GroupNorm 'norm' (a group per hypernetwork), each one's three heads
+    packed into one Linear [U | V | gate] and, when all have one shape (the two bottleneck Linears do), stacked
+    into one (n, rows, hidden) 'heads' for one batched matmul (else 'heads' is the list of packed Linears)."""
+    hypers = [lin['hyper'] for lin in synapse_hyper_layers(p).values()]
+    if not hypers:
+        return None
+    if len({h['compressor']['ln']['weight'].shape for h in hypers}) != 1:
+        raise ValueError('stack_hypernets: every φ must have one width, so that one GroupNorm can normalise them')
+    cat = lambda tensors: {k: torch.cat([t[k] for t in tensors]) for k in ('weight', 'bias')}
+    heads = [cat([h[head] for head in HYPER_HEADS]) for h in hypers]
+    same = len({q['weight'].shape for q in heads}) == 1
+    return {'lin': cat([h['compressor']['lin'] for h in hypers]), 'norm': cat([h['compressor']['ln'] for h in hypers]),
+            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('weight', 'bias')} if same else heads}
+
+
+def synapse_plastic_weights(p, stacked, x):
+    """pre_synapse_input x (B, ctx_dims) -> {name: (U, V, gate)} of every hyper Linear, from stack_hypernets(p)."""
+    hypers = synapse_hyper_layers(p)
+    n = len(hypers)
+    c = F.silu(F.group_norm(linear(stacked['lin'], x), n, stacked['norm']['weight'], stacked['norm']['bias']))
+    cs = rearrange(c, 'b (n h) -> n b h', n=n)
+    if isinstance(stacked['heads'], list):
+        outs = [linear(q, ci) for q, ci in zip(stacked['heads'], cs)]
+    else:
+        outs = torch.baddbmm(stacked['heads']['bias'][:, None], cs, stacked['heads']['weight'].transpose(1, 2))
+    weights = {}
+    for (name, lin), out in zip(hypers.items(), outs):
+        u, v, gate = out.split([len(lin['hyper'][head]['bias']) for head in HYPER_HEADS], dim=1)
+        out_dims, in_dims = lin['weight'].shape
+        weights[name] = (u.unflatten(1, (out_dims, -1)), v.unflatten(1, (in_dims, -1)), torch.tanh(gate))
+    return weights
+
+
+def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
+    """synapse_unet(p, x, rate, train) with the hypernetworks run from stacked = stack_hypernets(p)."""
+    weights = synapse_plastic_weights(p, stacked, x) if stacked is not None else {}
+    layer = lambda name, q, h: lora(q, h, *weights[name]) if name in weights else linear(q, h)
+    return synapse_unet(p, x, rate, train, layer)
 
 
 # ================================================================================================================

@@ -566,13 +566,11 @@ import plastic  # noqa: E402
 
 
 def open_gates(p, seed):
-    """Random gate rows (the heads' last n_gates): at init the gates are shut (zero), which would make every
-    plastic check vacuous."""
+    """A random gate head: at init the gates are shut (zero), which would make every plastic check vacuous."""
     gen = torch.Generator().manual_seed(seed)
-    heads = p['hyper']['heads']
-    n_gates = p['w1'].shape[2] if 'w1' in p else 1
-    for k in heads:
-        heads[k][-n_gates:] = torch.randn(heads[k][-n_gates:].shape, generator=gen, dtype=heads[k].dtype)
+    gate = p['hyper']['head_gate']
+    for k in gate:
+        gate[k] = torch.randn(gate[k].shape, generator=gen, dtype=gate[k].dtype)
     return p
 
 
@@ -597,11 +595,9 @@ def hand_hypernet(h, ctx, u_rows, v_rows, rank):
     c = (c - c.mean(-1, keepdim=True)) / torch.sqrt(c.var(-1, unbiased=False, keepdim=True) + 1e-5)
     c = c * h['compressor']['ln']['weight'] + h['compressor']['ln']['bias']
     c = c * torch.sigmoid(c)
-    rows = {'u': slice(0, u_rows * rank), 'v': slice(u_rows * rank, (u_rows + v_rows) * rank),
-            'gate': slice((u_rows + v_rows) * rank, None)}
-    head = lambda name: c @ h['heads']['weight'][rows[name]].t() + h['heads']['bias'][rows[name]]
-    return (head('u').reshape(len(ctx), u_rows, rank), head('v').reshape(len(ctx), v_rows, rank),
-            torch.tanh(head('gate')))
+    head = lambda name: c @ h[name]['weight'].t() + h[name]['bias']
+    return (head('head_u').reshape(len(ctx), u_rows, rank), head('head_v').reshape(len(ctx), v_rows, rank),
+            torch.tanh(head('head_gate')))
 
 
 hyper_shapes = dict(b=st.integers(1, 3), in_dims=st.integers(1, 12), out_dims=st.integers(1, 12),
@@ -672,30 +668,13 @@ def test_hyper_super_linear_one_dropout_mask_for_both_paths():
     torch.testing.assert_close(y, (torch.einsum('bdm,bmhd->bdh', dropped, w_t) + p['b1']) / p['T'])
 
 
-def hyper_parts(tree, name=''):
-    """name -> gradient-carrying part of every hypernetwork: its compressor tensors, and its heads split into the
-    U/V rows and the gate rows (the last n_gates: one per Linear, one per neuron of a SuperLinear)."""
-    found = {}
-    if isinstance(tree, list):
-        for i, v in enumerate(tree):
-            found.update(hyper_parts(v, f'{name}.{i}'))
-    elif isinstance(tree, dict):
-        if 'hyper' in tree:
-            n_gates = tree['w1'].shape[2] if 'w1' in tree else 1
-            h = tree['hyper']
-            for key, t in train.flatten(h['compressor']).items():
-                found[f'{name}.compressor.{key}'] = lambda t=t: t.grad
-            for key, t in h['heads'].items():
-                found[f'{name}.heads.{key}.uv'] = lambda t=t: t.grad[:-n_gates]
-                found[f'{name}.heads.{key}.gate'] = lambda t=t: t.grad[-n_gates:]
-        for k, v in tree.items():
-            if k != 'hyper':
-                found.update(hyper_parts(v, f'{name}.{k}'))
-    return found
+def hyper_parts(params):
+    """name -> tensor of every hypernetwork parameter (compressor, head_u, head_v, head_gate)."""
+    return {k: t for k, t in train.flatten(params).items() if '.hyper.' in f'.{k}'}
 
 
 def assert_grads_reach_every_hyper_param(params, loss_fn):
-    """At init only the gate rows learn (the rest is multiplied by a zero gate); after one step, everything."""
+    """At init only the gate heads learn (the rest is multiplied by a zero gate); after one step, everything."""
     leaves = train.tree_leaves(params)
     for t in leaves:
         t.requires_grad_(True)
@@ -703,12 +682,12 @@ def assert_grads_reach_every_hyper_param(params, loss_fn):
     loss_fn().backward()
     hyper = hyper_parts(params)
     assert hyper
-    for name, grad in hyper.items():
-        assert name.endswith('.gate') == bool(grad().abs().sum() > 0), name
+    for name, t in hyper.items():
+        assert ('.head_gate.' in name) == bool(t.grad.abs().sum() > 0), name
     opt.step()
     opt.zero_grad()
     loss_fn().backward()
-    silent = [name for name, grad in hyper.items() if not grad().abs().sum() > 0]
+    silent = [name for name, t in hyper.items() if not t.grad.abs().sum() > 0]
     assert not silent, silent
 
 
@@ -759,7 +738,7 @@ def open_all_gates(tree, seed):
 
 def hand_hyper_unet(p, x, rank):
     """HyperSynapseUNET written out layer by layer, each hyper Linear from its own hand_hypernet(pre_synapse_input):
-    the oracle for synapse_unet's stacked hypernetworks (which must hand each layer its own φ and heads)."""
+    the oracle for synapse_unet and its stacked fast path (which must hand each layer its own φ and heads)."""
     def lin(q, h):
         y = h @ q['weight'].t() + q['bias']
         if 'hyper' not in q:
@@ -781,34 +760,46 @@ def hand_hyper_unet(p, x, rank):
 @settings(max_examples=10)
 @given(hyper_layers=st.sampled_from(['none', 'bottleneck', 'down', 'up', 'all']), depth=st.integers(1, 4),
        rank=st.integers(1, 3), seed=st.integers(0, 2**16))
-@example(hyper_layers='bottleneck', depth=4, rank=2, seed=1)  # batched heads
+@example(hyper_layers='bottleneck', depth=4, rank=2, seed=1)  # stacked heads: one batched matmul
 @example(hyper_layers='all', depth=3, rank=2, seed=2)  # heads of different shapes, one matmul each
-def test_hyper_synapse_unet_stacked_hypernets_equal_per_layer_ones(hyper_layers, depth, rank, seed):
+def test_hyper_synapse_unet_and_its_stacked_fast_path_equal_the_hand_unet(hyper_layers, depth, rank, seed):
+    """The paper form (hyper_lora_linear per layer) and the fast path (stack_hypernets, synapse_unet_stacked)
+    against the U-Net written out by hand, in value and in the gradients that reach the readable params."""
     if depth == 1 and hyper_layers not in ('none', 'all'):
         return
     gen = torch.Generator().manual_seed(seed)
     p = to_double(plastic.init_synapse_unet(gen, 7, 20, depth, hyper_layers, rank))
     open_all_gates(p, seed)
-    for q in plastic.synapse_hyper_layers(p):  # distinct φ LayerNorms, so that a swapped context would show
-        q['hyper']['compressor']['ln'] = {k: torch.randn(16, generator=gen, dtype=torch.float64) for k in ('weight', 'bias')}
-    x = torch.randn(3, 7, generator=gen, dtype=torch.float64)
-    expect = hand_hyper_unet(p, x, rank)
-    torch.testing.assert_close(plastic.synapse_unet(p, x), expect)
-    stacked = plastic.synapse_hypernets(p)
-    torch.testing.assert_close(plastic.synapse_unet(p, x, hypernets=stacked), expect)
-    assert (stacked is None) == (hyper_layers == 'none')
     layers = plastic.synapse_hyper_layers(p)
-    assert len(layers) == len(expected_plastic_layers(hyper_layers, False, True, 7, 20, depth))
-    for lin, got in zip(layers, plastic.synapse_plastic_weights(p, stacked, x) if layers else []):
-        for a, b in zip(got, hand_hypernet(lin['hyper'], x, *lin['weight'].shape, rank)):
+    for q in layers.values():  # distinct φ LayerNorms, so that a swapped context would show
+        q['hyper']['compressor']['ln'] = {k: torch.randn(16, generator=gen, dtype=torch.float64) for k in ('weight', 'bias')}
+    assert sorted(f'synapses.{name}.lin' for name in layers) == [
+        name for name, _, _ in expected_plastic_layers(hyper_layers, False, True, 7, 20, depth)]
+    x = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in train.tree_leaves(p)]
+    grads = []
+    for form in (lambda: hand_hyper_unet(p, x, rank), lambda: plastic.synapse_unet(p, x),
+                 lambda: plastic.synapse_unet_stacked(p, plastic.stack_hypernets(p), x)):
+        y = form()
+        grads.append((y, torch.autograd.grad(y.sin().sum(), leaves)))
+    for y, g in grads[1:]:
+        torch.testing.assert_close(y, grads[0][0])
+        for a, b in zip(g, grads[0][1]):
+            torch.testing.assert_close(a, b)
+    stacked = plastic.stack_hypernets(p)
+    assert (stacked is None) == (hyper_layers == 'none')
+    weights = plastic.synapse_plastic_weights(p, stacked, x) if layers else {}
+    assert weights.keys() == layers.keys()
+    for name, lin in layers.items():
+        for a, b in zip(weights[name], hand_hypernet(lin['hyper'], x, *lin['weight'].shape, rank)):
             torch.testing.assert_close(a, b)
     if hyper_layers == 'bottleneck' or (hyper_layers in ('down', 'up') and depth == 2):
-        assert stacked['heads'] is not None  # the two bottleneck Linears share a shape: one batched matmul
+        assert not isinstance(stacked['heads'], list)  # the two bottleneck Linears share a shape: one matmul
     if hyper_layers in ('down', 'up', 'all') and depth >= 3:
-        assert stacked['heads'] is None
-        layers[0]['hyper']['compressor']['ln'] = {k: torch.ones(5) for k in ('weight', 'bias')}
+        assert isinstance(stacked['heads'], list)
+        next(iter(layers.values()))['hyper']['compressor']['ln'] = {k: torch.ones(5) for k in ('weight', 'bias')}
         with pytest.raises(ValueError, match='one width'):
-            plastic.synapse_hypernets(p)
+            plastic.stack_hypernets(p)
 
 
 def expected_plastic_layers(hyper_layers, use_hyper_nlm, deep, d_in, d_model, depth):
@@ -863,6 +854,27 @@ def test_hyper_ctm_grads_reach_every_hyper_param():
         assert_grads_reach_every_hyper_param(params, loss)
 
 
+@pytest.mark.parametrize('hyper_layers', ['bottleneck', 'all'])
+def test_hyper_ctm_stacked_fast_path_equals_the_paper_form(hyper_layers):
+    """ctm_forward(stacked=True) (what --cuda_graph trains) against the default paper form: outputs and the
+    gradients of every readable parameter, gates open, float64."""
+    cfg = small_ctm_config(hyper_layers=hyper_layers, use_hyper_nlm=True, hyper_rank=2, dropout=0.0)
+    gen = torch.Generator().manual_seed(7)
+    params, buffers = plastic.init_ctm(cfg, gen)
+    params = to_double(open_all_gates(params, 7))
+    leaves = [t.requires_grad_() for t in train.tree_leaves(params)]
+    x = torch.randn(3, cfg.in_channels, 3, 3, generator=gen, dtype=torch.float64)
+    runs = []
+    for stacked in (False, True):
+        out = plastic.ctm_forward(params, buffers, x, cfg, stacked=stacked)
+        runs.append((out, torch.autograd.grad(out[0].sin().sum() + out[1].sum(), leaves)))
+    (out_paper, g_paper), (out_fast, g_fast) = runs
+    for a, b in zip(out_paper, out_fast):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(g_paper, g_fast):
+        torch.testing.assert_close(a, b)
+
+
 def hyper_linear_count(d_in, d_out, rank, ctx, hidden):
     """Parameters of one hypernetwork, by hand: φ Linear + LayerNorm, U, V and gate heads."""
     return ctx * hidden + hidden + 2 * hidden + (hidden + 1) * (d_out * rank + d_in * rank) + hidden + 1
@@ -876,9 +888,16 @@ def test_hyper_train_cli_use_hyper_runs_and_flags_are_checked(tmp_path):
     assert 'solve_rate' in ok.stdout
     saved = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     assert saved['args']['hyper_layers'] == 'bottleneck'
-    assert {'synapses.down.2.lin.hyper.heads.weight', 'nlm.l2.hyper.heads.weight'} <= set(train.flatten(saved['params']))
+    assert {'synapses.down.2.lin.hyper.head_u.weight', 'nlm.l2.hyper.head_gate.weight'} <= set(train.flatten(saved['params']))
     bad = run_train('ctm', '--hyper_layers', 'down', '--training_iterations', '1', '--log_dir', str(tmp_path))
     assert bad.returncode != 0 and '--hyper_layers down needs --use_hyper' in bad.stderr
+    # a checkpoint from before the readable hypernetworks (three heads packed in one Linear 'heads') is refused
+    saved['params'] = {k: v for k, v in train.flatten(saved['params']).items() if '.head_' not in k}
+    saved['params']['synapses.down.2.lin.hyper.heads.weight'] = torch.zeros(1)
+    torch.save(saved, tmp_path / 'ckpt.pt')
+    old = run_train('ctm', '--use_hyper', '--use_hyper_nlm', '--training_iterations', '3', '--iterations', '3',
+                    '--batch_size', '4', '--n_test', '4', '--log_dir', str(tmp_path), '--resume')
+    assert old.returncode != 0 and "'synapses.down.2.lin.hyper.head_u.weight' is missing" in old.stderr, old.stderr
 
 
 def test_hyper_train_count_params_matches_hand_count():

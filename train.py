@@ -586,18 +586,20 @@ def ctm_answer(predictions, chosen, cfg):
 # captures it once in a CUDA graph and replays it, one launch per step. The eager path runs the same function.
 
 
-def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1):
+def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1,
+                   stacked=False):
     """One training step in place -> tensor [loss, accuracy] (averaged over ranks): forward over all ticks, task
     loss, backward, gradients all-reduced over `world` ranks, optional clipping, optimizer step, decay_params
     projected back into [0, 15] (the original's in-place clamp), batch-norm running statistics copied into
-    `buffers` in place (a captured graph keeps reading the same tensors). Nothing here waits for the GPU."""
+    `buffers` in place (a captured graph keeps reading the same tensors). stacked: the synapse hypernetworks' fast
+    path (plastic.stack_hypernets). Nothing here waits for the GPU."""
     import plastic
     leaves = [p for group in opt.param_groups for p in group['params']]
     # cache_enabled=False: autocast's weight-cast cache would hold tensors across a CUDA graph's capture
     with torch.autocast(x.device.type, torch.bfloat16, enabled=use_amp and x.device.type == 'cuda',
                         cache_enabled=False):
         kv, new_buffers = plastic.ctm_features(params, buffers, x, cfg, train=True)
-        predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True)
+        predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True, stacked=stacked)
     loss, chosen = task_loss(predictions.float(), certainties.float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -649,9 +651,11 @@ def cuda_graph_step(step_fn, warmup=3):
 
 
 def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
-    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step, replayed from a CUDA graph with --cuda_graph."""
+    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step, with --cuda_graph on the stacked hypernetworks'
+    fast path and replayed from a CUDA graph."""
     def step(x, y):
-        return ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, args.use_amp, args.gradient_clipping, world)
+        return ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, args.use_amp, args.gradient_clipping, world,
+                              stacked=args.cuda_graph)
     return cuda_graph_step(step) if args.cuda_graph else step
 
 
