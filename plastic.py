@@ -51,40 +51,33 @@ class CTMConfig:
     hyper_nlm_rank: int = 4
 
     def __post_init__(self):
+        """Refuse a configuration the model cannot build, naming the field and what it expects."""
         self.prediction_reshaper = tuple(self.prediction_reshaper)
-        checks = [
-            (self.neuron_select_type in NEURON_SELECT_TYPES, 'neuron_select_type',
-             f'one of {NEURON_SELECT_TYPES}, got {self.neuron_select_type!r}'),
-            (self.backbone_type in BACKBONE_TYPES, 'backbone_type',
-             f'one of {BACKBONE_TYPES}, got {self.backbone_type!r}'),
-            (self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES, 'positional_embedding_type',
-             f'one of {POSITIONAL_EMBEDDING_TYPES}, got {self.positional_embedding_type!r}'),
-            (self.hyper_layers in HYPER_LAYERS, 'hyper_layers', f'one of {HYPER_LAYERS}, got {self.hyper_layers!r}'),
-            (self.backbone_type != 'none' or self.positional_embedding_type == 'none', 'positional_embedding_type',
-             "'none' when backbone_type is 'none' (there is no feature map to embed positions of)"),
-            (self.heads >= 1 and self.d_input % self.heads == 0, 'heads',
-             f'a positive divisor of d_input={self.d_input}, got {self.heads}'),
-            (self.synapse_depth >= 1, 'synapse_depth', f'>= 1, got {self.synapse_depth}'),
-            (self.iterations >= 1 and self.memory_length >= 1, 'iterations/memory_length',
-             f'>= 1, got {self.iterations}/{self.memory_length}'),
-            (not self.deep_nlms or self.memory_hidden_dims >= 1, 'memory_hidden_dims',
-             f'>= 1 with deep_nlms, got {self.memory_hidden_dims}'),
-            (self.hyper_rank >= 1 and self.hyper_nlm_rank >= 1, 'hyper_rank/hyper_nlm_rank',
-             f'>= 1, got {self.hyper_rank}/{self.hyper_nlm_rank}'),
-        ]
-        for name, n in (('n_synch_out', self.n_synch_out), ('n_synch_action', self.n_synch_action)):
-            checks.append((1 <= n <= self.d_model, name, f'between 1 and d_model={self.d_model}, got {n}'))
-        if self.neuron_select_type == 'first-last':
-            checks.append((self.n_synch_out + self.n_synch_action <= self.d_model, 'n_synch_out + n_synch_action',
-                           f'<= d_model={self.d_model} for first-last (disjoint neuron subsets), got '
-                           f'{self.n_synch_out + self.n_synch_action}'))
-        if self.neuron_select_type == 'random-pairing':
-            checks.append((0 <= self.n_random_pairing_self < min(self.n_synch_out, self.n_synch_action),
-                           'n_random_pairing_self', f'in [0, min(n_synch_out, n_synch_action)), got '
-                           f'{self.n_random_pairing_self}'))
+        n_synch = min(self.n_synch_out, self.n_synch_action)
+        checks = [(self.neuron_select_type in NEURON_SELECT_TYPES, 'neuron_select_type',
+                   f'one of {NEURON_SELECT_TYPES}'),
+                  (self.backbone_type in BACKBONE_TYPES, 'backbone_type', f'one of {BACKBONE_TYPES}'),
+                  (self.positional_embedding_type in POSITIONAL_EMBEDDING_TYPES, 'positional_embedding_type',
+                   f'one of {POSITIONAL_EMBEDDING_TYPES}'),
+                  (self.hyper_layers in HYPER_LAYERS, 'hyper_layers', f'one of {HYPER_LAYERS}'),
+                  (self.backbone_type != 'none' or self.positional_embedding_type == 'none',
+                   'positional_embedding_type', "'none' when backbone_type is 'none' (no feature map to embed)"),
+                  (self.heads >= 1 and self.d_input % self.heads == 0, 'heads',
+                   f'a positive divisor of d_input={self.d_input}'),
+                  (self.synapse_depth >= 1, 'synapse_depth', '>= 1'),
+                  (self.iterations >= 1, 'iterations', '>= 1'), (self.memory_length >= 1, 'memory_length', '>= 1'),
+                  (not self.deep_nlms or self.memory_hidden_dims >= 1, 'memory_hidden_dims', '>= 1 with deep_nlms'),
+                  (self.hyper_rank >= 1, 'hyper_rank', '>= 1'), (self.hyper_nlm_rank >= 1, 'hyper_nlm_rank', '>= 1'),
+                  (1 <= self.n_synch_out <= self.d_model, 'n_synch_out', f'between 1 and d_model={self.d_model}'),
+                  (1 <= self.n_synch_action <= self.d_model, 'n_synch_action', f'between 1 and d_model={self.d_model}'),
+                  (self.neuron_select_type != 'first-last' or self.n_synch_out + self.n_synch_action <= self.d_model,
+                   'n_synch_action', f'<= d_model - n_synch_out = {self.d_model - self.n_synch_out} for first-last '
+                   '(disjoint neuron subsets)'),
+                  (self.neuron_select_type != 'random-pairing' or 0 <= self.n_random_pairing_self < n_synch,
+                   'n_random_pairing_self', 'in [0, min(n_synch_out, n_synch_action))')]
         for ok, name, expected in checks:
             if not ok:
-                raise ValueError(f'CTMConfig.{name}: expected {expected}')
+                raise ValueError(f'CTMConfig.{name}: expected {expected}, got {getattr(self, name)!r}')
 
 
 # ================================================================================================================

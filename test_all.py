@@ -303,7 +303,8 @@ def test_ctm_synch_pairs_follow_the_select_type():
 @pytest.mark.parametrize('over, message', [
     (dict(heads=3), 'heads'), (dict(n_synch_out=33), 'n_synch_out'), (dict(n_synch_action=0), 'n_synch_action'),
     (dict(neuron_select_type='nearest'), 'neuron_select_type'), (dict(backbone_type='vgg'), 'backbone_type'),
-    (dict(neuron_select_type='first-last', n_synch_out=20, n_synch_action=20), 'n_synch_out \\+ n_synch_action'),
+    (dict(neuron_select_type='first-last', n_synch_out=20, n_synch_action=20),
+     'n_synch_action: expected <= d_model - '),
     (dict(positional_embedding_type='learnable-fourier'), 'positional_embedding_type'),
     (dict(n_random_pairing_self=8), 'n_random_pairing_self'), (dict(hyper_layers='middle'), 'hyper_layers')])
 def test_ctm_bad_configs_fail_clearly(over, message):
