@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 NEURON_SELECT_TYPES = ('first-last', 'random', 'random-pairing')
-BACKBONE_TYPES = ('none', 'conv', 'parity_backbone') + tuple(f'resnet{n}-{k}' for n in (18, 34) for k in (1, 2, 3, 4))
-POSITIONAL_EMBEDDING_TYPES = ('none', 'learnable-fourier', 'custom-rotational', 'custom-rotational-1d')
+BACKBONE_TYPES = ('none', 'conv', 'parity_backbone', 'shallow-wide') + tuple(
+    f'resnet{n}-{k}' for n in (18, 34, 50, 101, 152) for k in (1, 2, 3, 4))
+POSITIONAL_EMBEDDING_TYPES = ('none', 'learnable-fourier', 'multi-learnable-fourier', 'custom-rotational',
+                              'custom-rotational-1d')
 HYPER_LAYERS = ('none', 'bottleneck', 'down', 'up', 'all')
 
 
@@ -108,8 +110,8 @@ def layer_norm(p, x):
     return F.layer_norm(x, p['weight'].shape, p['weight'], p['bias'])
 
 
-def glu(x):
-    a, gate = x.chunk(2, dim=-1)
+def glu(x, dim=-1):
+    a, gate = x.chunk(2, dim=dim)
     return a * torch.sigmoid(gate)
 
 
@@ -135,12 +137,19 @@ def attention_keys_values(p, kv, heads):
     return split(keys), split(values)
 
 
-def attention(p, q, keys_values, heads, rate=0.0, train=False):
-    """Multi-head attention of a query (B, Lq, d) over attention_keys_values' (keys, values) -> (B, Lq, d)."""
+def attention(p, q, keys_values, heads, rate=0.0, train=False, need_weights=False):
+    """Multi-head attention of a query (B, Lq, d) over attention_keys_values' (keys, values) -> (B, Lq, d); with
+    need_weights also each head's attention weights (B, heads, Lq, S), before dropout as nn.MultiheadAttention's."""
     d = q.shape[-1]
     query = rearrange(F.linear(q, p['in_w'][:d], p['in_b'][:d]), 'b l (h e) -> b h l e', h=heads)
-    out = F.scaled_dot_product_attention(query, *keys_values, dropout_p=rate if train else 0.0)
-    return linear(p['out'], rearrange(out, 'b h l e -> b l (h e)'))
+    if need_weights:  # the weights spelled out: scaled_dot_product_attention does not return them
+        keys, values = keys_values
+        weights = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1]), dim=-1)
+        out = dropout(weights, rate, train) @ values
+    else:
+        out = F.scaled_dot_product_attention(query, *keys_values, dropout_p=rate if train else 0.0)
+    out = linear(p['out'], rearrange(out, 'b h l e -> b l (h e)'))
+    return (out, weights) if need_weights else out
 
 
 def init_super_linear(gen, in_dims, out_dims, n, do_norm=False):
@@ -161,17 +170,19 @@ def super_linear(p, x, rate=0.0, train=False):
     return (torch.einsum('bdm,mhd->bdh', x, p['w1']) + p['b1']) / p['T']
 
 
-def init_conv(gen, c_in, c_out, k, bias=False):
-    """nn.Conv2d's init: uniform in ±1/sqrt(fan_in)."""
-    bound = 1 / math.sqrt(c_in * k * k)
-    p = {'weight': uniform(gen, (c_out, c_in, k, k), bound)}
+def init_conv(gen, c_in, c_out, k, bias=False, groups=1):
+    """nn.Conv2d's init: uniform in ±1/sqrt(fan_in); `groups` splits the channels into independent convolutions."""
+    bound = 1 / math.sqrt(c_in // groups * k * k)
+    p = {'weight': uniform(gen, (c_out, c_in // groups, k, k), bound)}
     if bias:
         p['bias'] = uniform(gen, (c_out,), bound)
     return p
 
 
 def conv(p, x, stride=1):
-    return F.conv2d(x, p['weight'], p.get('bias'), stride=stride, padding=p['weight'].shape[-1] // 2)
+    """'Same' padding; the groups follow from the weight's input channels."""
+    return F.conv2d(x, p['weight'], p.get('bias'), stride=stride, padding=p['weight'].shape[-1] // 2,
+                    groups=x.shape[1] // p['weight'].shape[1])
 
 
 def init_batch_norm(c):
@@ -438,7 +449,12 @@ def certainty(prediction, prediction_reshaper):
     return torch.stack([ne, 1 - ne], dim=-1)
 
 
-RESNET_BLOCKS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
+# Blocks per stage. resnet152 is (3, 4, 36, 3) in the original's models/resnet.py (torchvision's has 8 blocks in its
+# second stage): we build the original's, so that parameter counts and checkpoints carry over.
+RESNET_BLOCKS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3), 'resnet50': (3, 4, 6, 3),
+                 'resnet101': (3, 4, 23, 3), 'resnet152': (3, 4, 36, 3)}
+BOTTLENECK_FAMILIES = ('resnet50', 'resnet101', 'resnet152')  # bottleneck blocks, 4x wider outputs
+SHALLOW_WIDE_CHANNELS = 2048
 
 
 def resnet_stride(stage, block):
@@ -446,11 +462,50 @@ def resnet_stride(stage, block):
     return 2 if stage > 0 and block == 0 else 1
 
 
+def resnet_expansion(family):
+    return 4 if family in BOTTLENECK_FAMILIES else 1
+
+
 def d_backbone(cfg):
     """Channels of the backbone's feature map (the original's get_d_backbone)."""
     if cfg.backbone_type.startswith('resnet'):
-        return 64 * 2 ** (int(cfg.backbone_type.split('-')[1]) - 1)
+        family, n_stages = cfg.backbone_type.split('-')
+        return 64 * 2 ** (int(n_stages) - 1) * resnet_expansion(family)
+    if cfg.backbone_type == 'shallow-wide':
+        return SHALLOW_WIDE_CHANNELS
     return cfg.in_channels if cfg.backbone_type == 'none' else cfg.d_input
+
+
+def init_resnet_block(gen, c_in, planes, stride, bottleneck):
+    """(params, buffers) of a BasicBlock (conv1 3x3 -> conv2 3x3, `planes` out) or a Bottleneck (conv1 1x1 to planes
+    -> conv2 3x3 -> conv3 1x1 to 4·planes), the original's (torchvision's) names: bias-free convs, each followed by
+    its batch norm bnK, and 'down' (1x1 conv + batch norm) on the skip path when the shape changes."""
+    c_out = planes * (4 if bottleneck else 1)
+    shapes = [(c_in, planes, 1), (planes, planes, 3), (planes, c_out, 1)] if bottleneck else [(c_in, planes, 3),
+                                                                                             (planes, planes, 3)]
+    p, buf = {}, {}
+    for k, (a, b, size) in enumerate(shapes, 1):
+        p[f'conv{k}'] = init_conv(gen, a, b, size)
+        p[f'bn{k}'], buf[f'bn{k}'] = init_batch_norm(b)
+    if stride != 1 or c_in != c_out:
+        bn_p, buf['down'] = init_batch_norm(c_out)
+        p['down'] = {'conv': init_conv(gen, c_in, c_out, 1), 'bn': bn_p}
+    return p, buf
+
+
+def resnet_block(p, buf, x, stride, train):
+    """BasicBlock or Bottleneck (whichever p holds) -> (relu(branch + skip), new batch-norm buffers). The stride sits
+    on the 3x3 conv (conv1 of a BasicBlock, conv2 of a Bottleneck, as torchvision's v1.5) and on 'down'."""
+    n = 3 if 'conv3' in p else 2
+    new, out = {}, x
+    for k in range(1, n + 1):
+        step = stride if k == n - 1 else 1
+        out, new[f'bn{k}'] = batch_norm(p[f'bn{k}'], buf[f'bn{k}'], conv(p[f'conv{k}'], out, step), train)
+        out = F.relu(out) if k < n else out
+    identity = x
+    if 'down' in p:
+        identity, new['down'] = batch_norm(p['down']['bn'], buf['down'], conv(p['down']['conv'], x, stride), train)
+    return F.relu(out + identity), new
 
 
 def init_backbone(gen, cfg):
@@ -458,51 +513,36 @@ def init_backbone(gen, cfg):
 
     resnetNN-k: the original's truncated ResNet (models/resnet.py): a 1x1 conv to 3 channels (its `initial_rgb`),
     a 3x3 stride-1 stem (not 7x7: a small receptive field makes the CTM look around), max-pool, then the first k
-    stages of BasicBlocks (stride 2 from stage 2 on). conv: the original's small MNISTBackbone, two
-    conv3x3 -> BN -> ReLU -> maxpool stages of d_input channels. parity_backbone: an embedding of the two signs."""
+    stages (stride 2 from stage 2 on) of BasicBlocks (18, 34) or Bottlenecks (50, 101, 152). conv: the original's
+    small MNISTBackbone, two conv3x3 -> BN -> ReLU -> maxpool stages of d_input channels. shallow-wide: the
+    original's ShallowWide, conv3x3 stride 2 to 4096 -> GLU over channels -> BN, grouped (32) conv3x3 to 4096 ->
+    GLU -> BN: 2048 channels at half resolution. parity_backbone: an embedding of the two signs."""
     kind = cfg.backbone_type
     if kind == 'none':
         return {}, {}
     if kind == 'parity_backbone':
         return {'embedding': torch.randn(2, cfg.d_input, generator=gen)}, {}
-    if kind == 'conv':
-        stages = [(cfg.in_channels, cfg.d_input), (cfg.d_input, cfg.d_input)]
-        bns = [init_batch_norm(c) for _, c in stages]
-        return ({'stages': [{'conv': init_conv(gen, a, b, 3, bias=True), 'bn': bn[0]}
-                            for (a, b), bn in zip(stages, bns)]}, {'stages': [{'bn': bn[1]} for bn in bns]})
+    if kind in ('conv', 'shallow-wide'):
+        c = SHALLOW_WIDE_CHANNELS
+        stages = ([(cfg.in_channels, cfg.d_input, 1), (cfg.d_input, cfg.d_input, 1)] if kind == 'conv'
+                  else [(cfg.in_channels, 2 * c, 1), (c, 2 * c, 32)])
+        bns = [init_batch_norm(b // (1 if kind == 'conv' else 2)) for _, b, _ in stages]
+        return ({'stages': [{'conv': init_conv(gen, a, b, 3, bias=True, groups=g), 'bn': bn[0]}
+                            for (a, b, g), bn in zip(stages, bns)]}, {'stages': [{'bn': bn[1]} for bn in bns]})
     family, n_stages = kind.split('-')
     bn1 = init_batch_norm(64)
     params = {'rgb': init_conv(gen, cfg.in_channels, 3, 1, bias=True), 'conv1': init_conv(gen, 3, 64, 3),
               'bn1': bn1[0], 'stages': []}
     buffers = {'bn1': bn1[1], 'stages': []}
-    c_in = 64
+    c_in, expansion = 64, resnet_expansion(family)
     for s in range(int(n_stages)):
-        c_out, stage_p, stage_b = 64 * 2 ** s, [], []
-        for b in range(RESNET_BLOCKS[family][s]):
-            stride = resnet_stride(s, b)
-            bn_a, bn_b = init_batch_norm(c_out), init_batch_norm(c_out)
-            bp = {'conv1': init_conv(gen, c_in, c_out, 3), 'bn1': bn_a[0], 'conv2': init_conv(gen, c_out, c_out, 3),
-                  'bn2': bn_b[0]}
-            bb = {'bn1': bn_a[1], 'bn2': bn_b[1]}
-            if stride != 1 or c_in != c_out:
-                bn_d = init_batch_norm(c_out)
-                bp['down'], bb['down'] = {'conv': init_conv(gen, c_in, c_out, 1), 'bn': bn_d[0]}, bn_d[1]
-            stage_p.append(bp)
-            stage_b.append(bb)
-            c_in = c_out
-        params['stages'].append(stage_p)
-        buffers['stages'].append(stage_b)
+        planes = 64 * 2 ** s
+        made = [init_resnet_block(gen, c_in if b == 0 else planes * expansion, planes, resnet_stride(s, b),
+                                  expansion == 4) for b in range(RESNET_BLOCKS[family][s])]
+        params['stages'].append([m[0] for m in made])
+        buffers['stages'].append([m[1] for m in made])
+        c_in = planes * expansion
     return params, buffers
-
-
-def basic_block(p, buf, x, stride, train):
-    out, b1 = batch_norm(p['bn1'], buf['bn1'], conv(p['conv1'], x, stride), train)
-    out, b2 = batch_norm(p['bn2'], buf['bn2'], conv(p['conv2'], F.relu(out), 1), train)
-    new = {'bn1': b1, 'bn2': b2}
-    identity = x
-    if 'down' in p:
-        identity, new['down'] = batch_norm(p['down']['bn'], buf['down'], conv(p['down']['conv'], x, stride), train)
-    return F.relu(out + identity), new
 
 
 def backbone(p, buf, x, cfg, train=False):
@@ -512,11 +552,13 @@ def backbone(p, buf, x, cfg, train=False):
         return x, buf
     if kind == 'parity_backbone':
         return rearrange(p['embedding'][(x == 1).long()], 'b l c -> b c l'), buf
-    if kind == 'conv':
+    if kind in ('conv', 'shallow-wide'):
         new = {'stages': []}
-        for sp, sb in zip(p['stages'], buf['stages']):
-            x, bn = batch_norm(sp['bn'], sb['bn'], conv(sp['conv'], x), train)
-            x = F.max_pool2d(F.relu(x), 2, 2)
+        for sp, sb, stride in zip(p['stages'], buf['stages'], (1, 1) if kind == 'conv' else (2, 1)):
+            h = conv(sp['conv'], x, stride)
+            x, bn = batch_norm(sp['bn'], sb['bn'], glu(h, dim=1) if kind == 'shallow-wide' else h, train)
+            if kind == 'conv':
+                x = F.max_pool2d(F.relu(x), 2, 2)
             new['stages'].append({'bn': bn})
         return x, new
     x, bn1 = batch_norm(p['bn1'], buf['bn1'], conv(p['conv1'], conv(p['rgb'], x)), train)
@@ -525,19 +567,42 @@ def backbone(p, buf, x, cfg, train=False):
     for s, (stage_p, stage_b) in enumerate(zip(p['stages'], buf['stages'])):
         new_stage = []
         for b, (bp, bb) in enumerate(zip(stage_p, stage_b)):
-            x, nb = basic_block(bp, bb, x, resnet_stride(s, b), train)
+            x, nb = resnet_block(bp, bb, x, resnet_stride(s, b), train)
             new_stage.append(nb)
         new['stages'].append(new_stage)
     return x, new
 
 
+MULTI_FOURIER_GAMMAS = tuple(np.linspace(1.0, 0.1, 10).tolist())  # the original's gamma_range [1.0, 0.1], N = 10
+
+
+def init_fourier_embedding(gen, d, gamma):
+    """Li et al. 2021, Algorithm 1: Wr ~ N(0, gamma^-2) (F/2 = 128 frequencies of the 2 coordinates), then
+    Linear(F = 256 -> H = 128) -> GLU -> Linear(64 -> d) -> LayerNorm."""
+    return {'Wr': torch.randn(128, 2, generator=gen) * gamma ** -2, 'l1': init_linear(gen, 256, 128),
+            'l2': init_linear(gen, 64, d), 'ln': init_layer_norm(d)}
+
+
+def fourier_embedding(p, h, w, device, dtype):
+    """-> (h, w, d): the learned Fourier features of every position's (x, y), both scaled into [0, 1]."""
+    ys = torch.arange(h, device=device, dtype=dtype) / max(h - 1, 1)
+    xs = torch.arange(w, device=device, dtype=dtype) / max(w - 1, 1)
+    coords = torch.stack([xs[None].expand(h, w), ys[:, None].expand(h, w)], -1)  # (H, W, 2) as (x, y)
+    projected = coords @ p['Wr'].t()
+    fourier = torch.cat([torch.cos(projected), torch.sin(projected)], -1) / math.sqrt(256)
+    return layer_norm(p['ln'], linear(p['l2'], glu(linear(p['l1'], fourier))))
+
+
 def init_positional_embedding(gen, kind, d):
-    """learnable-fourier: Li et al. 2021, Algorithm 1 (Wr ~ N(0, gamma^-2), gamma = 1/2.5, F = 256, H = 128);
+    """learnable-fourier: one Fourier embedding, gamma = 1/2.5; multi-learnable-fourier: ten, gamma from 1.0 down to
+    0.1 (low to high frequencies), mixed by softmax(combination), a learned weight per embedding starting equal;
     custom-rotational(-1d): a fixed rotating 2-vector per position, projected by a Linear (the 2D one learns the
     start vector)."""
     if kind == 'learnable-fourier':
-        return {'Wr': torch.randn(128, 2, generator=gen) * 2.5 ** 2, 'l1': init_linear(gen, 256, 128),
-                'l2': init_linear(gen, 64, d), 'ln': init_layer_norm(d)}
+        return init_fourier_embedding(gen, d, 1 / 2.5)
+    if kind == 'multi-learnable-fourier':
+        return {'embedders': [init_fourier_embedding(gen, d, g) for g in MULTI_FOURIER_GAMMAS],
+                'combination': torch.ones(len(MULTI_FOURIER_GAMMAS))}
     if kind == 'custom-rotational':
         return {'start_vector': torch.tensor([0.0, 1.0]), 'proj': init_linear(gen, 4, d)}
     if kind == 'custom-rotational-1d':
@@ -566,12 +631,11 @@ def positional_embedding(p, kind, features):
         cols = rotate(p['start_vector'], w, features.device)
         key = torch.cat([rows[:, None].expand(h, w, 2), cols[None].expand(h, w, 2)], -1)  # (H, W, 4)
         return rearrange(linear(p['proj'], key), 'h w c -> c h w')[None]
-    ys = torch.arange(h, device=features.device, dtype=features.dtype) / max(h - 1, 1)
-    xs = torch.arange(w, device=features.device, dtype=features.dtype) / max(w - 1, 1)
-    coords = torch.stack([xs[None].expand(h, w), ys[:, None].expand(h, w)], -1)  # (H, W, 2) as (x, y)
-    projected = coords @ p['Wr'].t()
-    fourier = torch.cat([torch.cos(projected), torch.sin(projected)], -1) / math.sqrt(256)
-    y = layer_norm(p['ln'], linear(p['l2'], glu(linear(p['l1'], fourier))))
+    if kind == 'learnable-fourier':
+        y = fourier_embedding(p, h, w, features.device, features.dtype)
+    else:
+        ys = torch.stack([fourier_embedding(q, h, w, features.device, features.dtype) for q in p['embedders']])
+        y = torch.einsum('n,nhwc->hwc', torch.softmax(p['combination'], 0), ys)
     return rearrange(y, 'h w c -> c h w')[None]
 
 
@@ -617,8 +681,9 @@ def ctm_features(params, buffers, x, cfg, train=False):
     return kv, {**buffers, 'backbone': new_backbone}
 
 
-def ctm_think(params, buffers, kv, cfg, train=False, stacked=False):
-    """The internal ticks over fixed features kv -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out).
+def ctm_think(params, buffers, kv, cfg, train=False, stacked=False, track=False):
+    """The internal ticks over fixed features kv -> (predictions (B, out_dims, T), certainties (B, 2, T), sync_out);
+    with track=True a fourth output, the dict ctm_trace describes.
 
     decay_params are clamped to [0, 15] here, as a pure function; the original clamps the parameter in place every
     forward, which training reproduces by projecting it back into [0, 15] after each optimizer step. stacked=True
@@ -634,13 +699,14 @@ def ctm_think(params, buffers, kv, cfg, train=False, stacked=False):
     alpha_action = beta_action = None
     keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
     hypernets = stack_hypernets(params['synapses']) if stacked else None  # once per forward, like the keys
-    predictions, certainties = [], []
+    predictions, certainties, tracked = [], [], []
     for _ in range(cfg.iterations):
         sync_action, alpha_action, beta_action = synchronisation(activated_state, alpha_action, beta_action,
                                                                  r_action, *pairs_action)
         q = linear(params['q_proj'], sync_action)[:, None]  # (B, 1, d_input)
-        attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
-        pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)  # (B, d_input + D)
+        attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train, track)
+        attn_out, weights = attn_out if track else (attn_out, None)
+        pre_synapse_input = torch.cat([attn_out[:, 0], activated_state], dim=-1)  # (B, d_input + D)
         state = (synapse_unet_stacked(params['synapses'], hypernets, pre_synapse_input, cfg.dropout, train)
                  if stacked else synapse_unet(params['synapses'], pre_synapse_input, cfg.dropout, train))  # (B, D)
         trace = torch.cat([trace[..., 1:], state[..., None]], dim=-1)
@@ -649,7 +715,15 @@ def ctm_think(params, buffers, kv, cfg, train=False, stacked=False):
         prediction = linear(params['output_projector'], sync_out)  # (B, out_dims)
         predictions.append(prediction)
         certainties.append(certainty(prediction, cfg.prediction_reshaper))
-    return torch.stack(predictions, -1), torch.stack(certainties, -1), sync_out
+        if track:
+            tracked.append(dict(pre_activations=state, post_activations=activated_state, attention=weights[:, :, 0],
+                                sync_action=sync_action, sync_out=sync_out))
+    outputs = torch.stack(predictions, -1), torch.stack(certainties, -1), sync_out
+    if not track:
+        return outputs
+    tracked = {k: torch.stack([t[k] for t in tracked]).detach() for k in tracked[0]}
+    return (*outputs, dict(tracked, predictions=outputs[0].detach().permute(2, 0, 1),
+                           certainties=outputs[1].detach().permute(2, 0, 1)))
 
 
 def ctm_forward(params, buffers, x, cfg, train=False, stacked=False):
@@ -659,6 +733,15 @@ def ctm_forward(params, buffers, x, cfg, train=False, stacked=False):
     training step that wants them calls ctm_features (which returns the new buffers) and then ctm_think."""
     kv, _ = ctm_features(params, buffers, x, cfg, train)
     return ctm_think(params, buffers, kv, cfg, train, stacked)
+
+
+def ctm_trace(params, buffers, x, cfg):
+    """Watch the CTM think (the original's forward(track=True)), in eval mode -> a dict of per-tick (T, B, ...)
+    tensors, detached: 'pre_activations' and 'post_activations' (T, B, d_model) (what the synapses produce, what
+    the NLMs make of their trace), 'attention' (T, B, heads, S) over the S feature positions, 'sync_action' and
+    'sync_out' (T, B, synch sizes), 'predictions' (T, B, out_dims) and 'certainties' (T, B, 2)."""
+    kv, _ = ctm_features(params, buffers, x, cfg)
+    return ctm_think(params, buffers, kv, cfg, track=True)[3]
 
 
 # ================================================================================================================

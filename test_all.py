@@ -328,15 +328,68 @@ def test_ctm_forward_shapes_and_decay_clamp():
     torch.testing.assert_close(plastic.ctm_forward(params, buffers, x[:1], cfg)[0], predictions[:1])
 
 
+@pytest.mark.parametrize('hyper', [{}, dict(hyper_layers='bottleneck', use_hyper_nlm=True)])
+def test_ctm_trace_equals_the_untracked_forward_and_recomputes_by_hand(hyper):
+    """ctm_trace's per-tick arrays: predictions/certainties equal ctm_forward's; attention equals
+    nn.MultiheadAttention's per-head weights for the tracked action synchronisation; both synchronisations equal the
+    direct decay-weighted sums over the tracked post-activations (the start state first); predictions are the
+    output projection of the tracked sync_out; the last pre-activations feed the NLMs into the last post-activations."""
+    cfg = small_ctm_config(backbone_type='resnet18-1', in_channels=3, neuron_select_type='random', **hyper)
+    params, buffers = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
+    params['decay_params_action'] = torch.rand(36, generator=torch.Generator().manual_seed(1)) * 2
+    params['decay_params_out'] = torch.rand(36, generator=torch.Generator().manual_seed(2)) * 2
+    x = torch.randn(3, 3, 8, 8)
+    tr = plastic.ctm_trace(params, buffers, x, cfg)
+    T, B, D = cfg.iterations, 3, cfg.d_model
+    predictions, certainties, sync_out = plastic.ctm_forward(params, buffers, x, cfg)
+    shapes = dict(pre_activations=(T, B, D), post_activations=(T, B, D), attention=(T, B, 2, 16),
+                  sync_action=(T, B, 36), sync_out=(T, B, 36), predictions=(T, B, 6), certainties=(T, B, 2))
+    assert {k: tuple(v.shape) for k, v in tr.items()} == shapes and not any(v.requires_grad for v in tr.values())
+    torch.testing.assert_close(tr['predictions'], predictions.permute(2, 0, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr['certainties'], certainties.permute(2, 0, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr['sync_out'][-1], sync_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr['predictions'], tr['sync_out'] @ params['output_projector']['weight'].t()
+                               + params['output_projector']['bias'], rtol=1e-5, atol=1e-6)
+    zs = torch.cat([params['start_activated_state'].expand(1, B, D), tr['post_activations']])  # (T + 1, B, D)
+    for which in ('out', 'action'):
+        left, right = buffers[f'{which}_left'], buffers[f'{which}_right']
+        decay = params[f'decay_params_{which}']
+        offset = 1 if which == 'out' else 0  # the out sum also holds the start state
+        for t in range(T):
+            history = zs[:t + 1 + offset]
+            age = torch.arange(len(history) - 1, -1, -1, dtype=torch.float32)[:, None]
+            weights = torch.exp(-age * decay)
+            direct = (weights[:, None] * history[:, :, left] * history[:, :, right]).sum(0) / weights.sum(0).sqrt()
+            torch.testing.assert_close(tr[f'sync_{which}'][t], direct, rtol=1e-4, atol=1e-5)
+    mha = torch.nn.MultiheadAttention(cfg.d_input, cfg.heads, batch_first=True)
+    att = params['attention']
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(att['in_w']), mha.in_proj_bias.copy_(att['in_b'])
+        mha.out_proj.weight.copy_(att['out']['weight']), mha.out_proj.bias.copy_(att['out']['bias'])
+        kv, _ = plastic.ctm_features(params, buffers, x, cfg)
+        for t in range(T):
+            q = (tr['sync_action'][t] @ params['q_proj']['weight'].t() + params['q_proj']['bias'])[:, None]
+            expected = mha(q, kv, kv, need_weights=True, average_attn_weights=False)[1][:, :, 0]
+            torch.testing.assert_close(tr['attention'][t], expected, rtol=1e-5, atol=1e-6)
+    trace = torch.cat([params['start_trace'].expand(B, D, cfg.memory_length), tr['pre_activations'].permute(1, 2, 0)],
+                      -1)[..., -cfg.memory_length:]
+    last = plastic.nlm(params['nlm'], trace, tr['post_activations'][-2], cfg)
+    torch.testing.assert_close(last, tr['post_activations'][-1], rtol=1e-5, atol=1e-6)
+
+
 def test_ctm_resnet_stride_and_lora_scale():
     # torchvision's ResNet: layer1 keeps the resolution, layers 2-4 halve it in their first block only
     assert [[plastic.resnet_stride(s, b) for b in range(3)] for s in range(4)] == [[1, 1, 1]] + [[2, 1, 1]] * 3
     assert plastic.lora_scale(16, 4) == 0.125 and plastic.lora_scale(1, 1) == 1.0
 
 
-@pytest.mark.parametrize('kind, channels, side', [('resnet18-1', 64, 4), ('resnet18-2', 128, 2), ('conv', 16, 2)])
-def test_ctm_backbones_shapes_and_batch_norm_buffers(kind, channels, side):
-    cfg = small_ctm_config(backbone_type=kind, in_channels=3, positional_embedding_type='learnable-fourier')
+@pytest.mark.parametrize('kind, channels, side, embedding', [
+    ('resnet18-1', 64, 4, 'learnable-fourier'), ('resnet18-2', 128, 2, 'learnable-fourier'),
+    ('conv', 16, 2, 'learnable-fourier'), ('resnet50-1', 256, 4, 'multi-learnable-fourier'),
+    ('resnet50-2', 512, 2, 'none'), ('resnet101-1', 256, 4, 'none'), ('resnet152-2', 512, 2, 'none'),
+    ('shallow-wide', 2048, 4, 'multi-learnable-fourier')])
+def test_ctm_backbones_shapes_and_batch_norm_buffers(kind, channels, side, embedding):
+    cfg = small_ctm_config(backbone_type=kind, in_channels=3, positional_embedding_type=embedding)
     params, buffers = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 8, 8)
     features, new = plastic.backbone(params['backbone'], buffers['backbone'], x, cfg, train=True)
@@ -346,6 +399,85 @@ def test_ctm_backbones_shapes_and_batch_norm_buffers(kind, channels, side):
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in old_flat.items() if k.endswith('mean'))
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in new_flat.items() if k.endswith('mean'))
     assert plastic.ctm_forward(params, buffers, x, cfg)[0].shape == (2, 6, 4)
+
+
+# The original's backbone parameter counts (models/resnet.py's prepare_resnet_backbone, models/modules.py's
+# ShallowWide on 3 channels), read off the original once; hand_backbone_params counts them from the architecture.
+ORIGINAL_BACKBONE_PARAMS = {'resnet18-1': 149824, 'resnet18-4': 11168832, 'resnet34-2': 1340224,
+                            'resnet50-1': 217664, 'resnet50-2': 1437248, 'resnet50-3': 8535616,
+                            'resnet50-4': 23500352, 'resnet101-3': 27527744, 'resnet152-3': 42051136,
+                            'shallow-wide': 2486272}
+
+
+def hand_backbone_params(kind, in_channels=3):
+    """Weights + biases + batch-norm scales/shifts, counted from the architecture: ResNet = 3x3 stem conv (3 -> 64,
+    no bias) + BN, then per block conv weights (BasicBlock 3x3 + 3x3, Bottleneck 1x1 + 3x3 + 1x1 at width `planes`,
+    4·planes out) + a BN per conv + a 1x1 conv + BN on the skip path of each stage's first block when the shape
+    changes; ShallowWide = conv3x3 (in -> 4096, bias) + BN(2048) + grouped conv3x3 (2048 -> 4096, 32 groups,
+    bias) + BN(2048). The 1x1 'rgb' conv in front of a ResNet (in -> 3, bias) is not counted here."""
+    if kind == 'shallow-wide':
+        return (in_channels * 9 * 4096 + 4096) + 2 * 2048 + (2048 // 32 * 9 * 4096 + 4096) + 2 * 2048
+    family, stages = kind.split('-')
+    blocks = {'resnet18': [2, 2, 2, 2], 'resnet34': [3, 4, 6, 3], 'resnet50': [3, 4, 6, 3],
+              'resnet101': [3, 4, 23, 3], 'resnet152': [3, 4, 36, 3]}[family]
+    bottleneck = family in ('resnet50', 'resnet101', 'resnet152')
+    total, c = 3 * 9 * 64 + 2 * 64, 64
+    for s in range(int(stages)):
+        planes = 64 * 2 ** s
+        out = 4 * planes if bottleneck else planes
+        for b in range(blocks[s]):
+            if bottleneck:
+                total += c * planes + planes * planes * 9 + planes * out + 2 * (planes + planes + out)
+            else:
+                total += c * planes * 9 + planes * planes * 9 + 2 * (planes + planes)
+            if b == 0 and (s > 0 or c != out):
+                total += c * out + 2 * out
+            c = out
+    return total
+
+
+@pytest.mark.parametrize('kind', list(ORIGINAL_BACKBONE_PARAMS))
+def test_ctm_backbone_param_counts_equal_the_originals(kind, monkeypatch):
+    # shapes are all that is counted: weights on the meta device are never drawn (resnet152-3 has 42M of them)
+    monkeypatch.setattr(plastic, 'uniform', lambda gen, shape, bound: torch.empty(shape, device='meta'))
+    cfg = small_ctm_config(backbone_type=kind, in_channels=3)
+    params, _ = plastic.init_backbone(torch.Generator().manual_seed(0), cfg)
+    rgb = 3 * 3 + 3 if kind.startswith('resnet') else 0
+    n = sum(t.numel() for t in train.tree_leaves(params)) - rgb
+    assert n == hand_backbone_params(kind) == ORIGINAL_BACKBONE_PARAMS[kind]
+
+
+def test_ctm_bottleneck_block_matches_a_hand_written_one():
+    """A Bottleneck against torch.nn layers holding the same weights: 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN ->
+    ReLU -> 1x1 -> BN, plus a strided 1x1 -> BN skip, then ReLU (training-mode batch norm)."""
+    gen = torch.Generator().manual_seed(0)
+    p, buf = plastic.init_resnet_block(gen, 8, 4, 2, bottleneck=True)
+    assert p['conv2']['weight'].shape == (4, 4, 3, 3) and p['conv3']['weight'].shape == (16, 4, 1, 1)
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    f = torch.nn.functional
+    bn = lambda t: f.batch_norm(t, None, None, training=True)
+    h = f.relu(bn(f.conv2d(x, p['conv1']['weight'])))
+    h = f.relu(bn(f.conv2d(h, p['conv2']['weight'], stride=2, padding=1)))
+    expected = f.relu(bn(f.conv2d(h, p['conv3']['weight'])) + bn(f.conv2d(x, p['down']['conv']['weight'], stride=2)))
+    out, new = plastic.resnet_block(p, buf, x, 2, train=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert new.keys() == buf.keys() == {'bn1', 'bn2', 'bn3', 'down'}
+
+
+def test_ctm_multi_learnable_fourier_is_a_softmax_mix_and_counts_like_the_original():
+    gen = torch.Generator().manual_seed(0)
+    p = plastic.init_positional_embedding(gen, 'multi-learnable-fourier', 256)
+    single = 2 * 128 + (256 * 128 + 128) + (64 * 256 + 256) + 2 * 256  # Wr, Linear(256, 128), Linear(64, d), LN(d)
+    assert sum(t.numel() for t in train.tree_leaves(p)) == 10 * single + 10 == 503050  # + the 10 mixing weights
+    stds = [q['Wr'].std().item() for q in p['embedders']]
+    assert stds[0] < 1.5 and stds[-1] > 50  # gamma 1.0 .. 0.1: Wr ~ N(0, gamma^-2), low to high frequencies
+    p['combination'] = torch.tensor([2.0] + [0.0] * 9)
+    features = torch.zeros(1, 256, 3, 4)
+    mixed = plastic.positional_embedding(p, 'multi-learnable-fourier', features)
+    w = torch.softmax(p['combination'], 0)
+    parts = [plastic.positional_embedding(q, 'learnable-fourier', features) for q in p['embedders']]
+    torch.testing.assert_close(mixed, sum(wi * part for wi, part in zip(w, parts)), rtol=1e-5, atol=1e-6)
+    assert mixed.shape == (1, 256, 3, 4)
 
 
 def test_ctm_batch_norm_matches_torch_and_returns_new_stats():

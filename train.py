@@ -400,9 +400,10 @@ def add_ctm_args(p):
     g.add_argument('--deep_memory', action=argparse.BooleanOptionalAction, help='deep NLMs (default on)', **none)
     g.add_argument('--do_normalisation', action=argparse.BooleanOptionalAction, help='LayerNorm in the NLMs', **none)
     g.add_argument('--neuron_select_type', choices=('first-last', 'random', 'random-pairing'), **none)
-    g.add_argument('--backbone_type', help="none, conv, parity_backbone, resnet18-1..4, resnet34-1..4", **none)
-    g.add_argument('--positional_embedding_type',
-                   choices=('none', 'learnable-fourier', 'custom-rotational', 'custom-rotational-1d'), **none)
+    g.add_argument('--backbone_type', help="none, conv, parity_backbone, shallow-wide, resnet{18,34,50,101,152}-{1..4}",
+                   **none)
+    g.add_argument('--positional_embedding_type', choices=('none', 'learnable-fourier', 'multi-learnable-fourier',
+                                                           'custom-rotational', 'custom-rotational-1d'), **none)
     g.add_argument('--use_hyper', action='store_true', help='plastic synapses (HyperSynapseUNET)')
     g.add_argument('--hyper_layers', choices=('none', 'bottleneck', 'down', 'up', 'all'),
                    help='synapse Linears made plastic; needs --use_hyper (default with it: bottleneck)', **none)
