@@ -7,6 +7,7 @@ lazily, inside the CUDA path of Bi-WKV4, to load wkv_kernel.cu.
 
 import contextlib
 import functools
+import hashlib
 import math
 import os
 import struct
@@ -471,205 +472,7 @@ def rwkv_fusion_net(p, x, checkpoint=False):
 
 
 # ================================================================================================================
-# entropy models and rANS coding
-
-SCALE_BOUND = 0.11  # CompressAI GaussianConditional: scales below this carry no information, only float trouble
-LIKELIHOOD_BOUND = 1e-9
-TAIL_MASS = 1e-9  # the two Gaussian tails beyond the table share this mass, coded through an escape symbol
-# The grid the decoder rounds every predicted scale to: its index picks the CDF table, so encoder and decoder agree
-# on the table even where their floats differ in the last bit far from a grid boundary.
-SCALE_TABLE = np.exp(np.linspace(np.log(SCALE_BOUND), np.log(256.0), 64))
-PRECISION = 16  # bits of every quantised CDF
-# rANS states live in [2^32, 2^64) and spill 32 bits at a time: states far above 2^PRECISION keep the
-# rounding loss of each push negligible, even for the many near-certain symbols of a learned latent.
-RANS_LOW = 1 << 32
-
-
-class _LowerBound(torch.autograd.Function):
-    """max(x, bound); the gradient passes where x is above the bound or where it would push x back up."""
-
-    @staticmethod
-    def forward(ctx, x, bound):
-        ctx.save_for_backward(x)
-        ctx.bound = bound
-        return x.clamp_min(bound)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * ((x >= ctx.bound) | (grad < 0)).to(grad.dtype), None
-
-
-def lower_bound(x, bound):
-    return _LowerBound.apply(x, bound)
-
-
-def standard_normal_cdf(x):
-    return 0.5 * torch.erfc(-x * 2 ** -0.5)
-
-
-def gaussian_likelihood(residual, scales):
-    """P(the integer bin around `residual`) under N(0, scale): the mean is already subtracted. Using |residual|
-    keeps the difference of CDFs in the accurate lower tail (CompressAI does the same)."""
-    scales = lower_bound(scales, SCALE_BOUND)
-    v = residual.abs()
-    lik = standard_normal_cdf((0.5 - v) / scales) - standard_normal_cdf((-0.5 - v) / scales)
-    return lower_bound(lik, LIKELIHOOD_BOUND)
-
-
-def total_bits(likelihoods):
-    return sum(-torch.log2(lik).sum() for lik in likelihoods.values())
-
-
-@functools.lru_cache(maxsize=4096)
-def gaussian_freqs(scale):
-    """Integer frequencies summing to 2^PRECISION for the values -T..T of N(0, scale) plus one escape symbol (the
-    tails); every symbol gets at least 1 so any value stays codable. Returns (freqs (2T+2,), T); cached, read-only."""
-    half_tail = -torch.special.ndtri(torch.tensor(TAIL_MASS / 2, dtype=torch.float64)).item()
-    tail = int(np.ceil(scale * half_tail))
-    v = torch.arange(-tail, tail + 1, dtype=torch.float64)
-    pmf = standard_normal_cdf((v + 0.5) / scale) - standard_normal_cdf((v - 0.5) / scale)
-    probs = np.append(pmf.numpy(), max(0.0, 1.0 - pmf.sum().item()))
-    freqs = np.maximum(1, np.rint(probs * (1 << PRECISION))).astype(np.int64)
-    excess = int(freqs.sum()) - (1 << PRECISION)
-    while excess:  # settle the rounding error one count each on the largest bins, never taking one below 1
-        order = np.argsort(-freqs, kind='stable')
-        if excess > 0:
-            order = order[freqs[order] > 1]
-        k = min(abs(excess), len(order))
-        freqs[order[:k]] -= np.sign(excess)
-        excess -= int(np.sign(excess)) * k
-    freqs.setflags(write=False)
-    return freqs, tail
-
-
-def make_cdf_tables(scales):
-    """One quantised Gaussian CDF table per scale, flattened for vectorised lookup.
-
-    `start` holds each symbol's cumulative frequency plus (table index << 16): strictly increasing over all tables,
-    so one np.searchsorted finds the symbol of a (table, slot) pair for a whole vector of lanes at once."""
-    tables = [gaussian_freqs(float(s)) for s in scales]
-    lengths = [len(f) for f, _ in tables]
-    freq = np.concatenate([f for f, _ in tables])
-    start = np.concatenate([np.cumsum(f) - f + (j << PRECISION) for j, (f, _) in enumerate(tables)])
-    return {'freq': freq.astype(np.uint64), 'start': start.astype(np.uint64),
-            'base': np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            'tail': np.array([t for _, t in tables], np.int64)}
-
-
-def symbol_indices(values, table, tables):
-    """Integer values -> flat indices into the tables; values beyond a table's tails map to its escape symbol."""
-    tail = tables['tail'][table]
-    sym = values + tail
-    escaped = (sym < 0) | (sym > 2 * tail)
-    return tables['base'][table] + np.where(escaped, 2 * tail + 1, sym), escaped
-
-
-def ideal_bits(values, table, tables):
-    """The information content -log2 p of the values under the quantised tables (escapes: their symbol only)."""
-    flat, _ = symbol_indices(values, table, tables)
-    return float(-np.log2(tables['freq'][flat] / (1 << PRECISION)).sum())
-
-
-def encode_varints(values):
-    """Zigzag + LEB128: the few escaped values, which need not be small."""
-    out = bytearray()
-    for v in values.tolist():
-        u = (v << 1) ^ (v >> 63)
-        while u >= 0x80:
-            out.append(u & 0x7F | 0x80)
-            u >>= 7
-        out.append(u)
-    return bytes(out)
-
-
-def decode_varints(data):
-    values, u, shift = [], 0, 0
-    for byte in data:
-        u |= (byte & 0x7F) << shift
-        shift += 7
-        if shift > 70:
-            raise ValueError("bitstream: an escaped value is longer than 64 bits (corrupt stream)")
-        if byte < 0x80:
-            values.append((u >> 1) ^ -(u & 1))
-            u, shift = 0, 0
-    if shift:
-        raise ValueError("bitstream: the escaped values end in the middle of a number (truncated stream)")
-    return values
-
-
-def rans_encode(values, table, tables, lanes):
-    """Interleaved rANS: symbol i goes to lane i % lanes; numpy runs all lanes of one row at once.
-
-    values, table: int64 (n,) in decoding order. Returns (states uint64 (lanes,), words uint32, escapes bytes).
-    rANS is last-in first-out, so rows are pushed from the last to the first; a lane spills its low 32 bits before a
-    push that would overflow 64 bits, and the decoder reads that word back right after the matching pop."""
-    flat, escaped = symbol_indices(values, table, tables)
-    freq = tables['freq'][flat]
-    start = tables['start'][flat] - (table.astype(np.uint64) << np.uint64(PRECISION))
-    x = np.full(lanes, RANS_LOW, np.uint64)
-    rows = []
-    for r in range((len(values) + lanes - 1) // lanes - 1, -1, -1):
-        f, c = freq[r * lanes:(r + 1) * lanes], start[r * lanes:(r + 1) * lanes]
-        xs = x[:len(f)]
-        spill = xs >= (f << np.uint64(64 - PRECISION))
-        rows.append((xs[spill] & np.uint64(0xFFFFFFFF)).astype(np.uint32))
-        xs = np.where(spill, xs >> np.uint64(32), xs)
-        x[:len(f)] = ((xs // f) << np.uint64(PRECISION)) + xs % f + c
-    words = np.concatenate(rows[::-1]) if rows else np.zeros(0, np.uint32)
-    return x, words, encode_varints(values[escaped])
-
-
-def rans_decoder(states, words, escapes):
-    return {'x': states.astype(np.uint64), 'words': words.astype(np.uint64), 'pos': 0, 'count': 0,
-            'escapes': decode_varints(escapes), 'escape_pos': 0}
-
-
-def rans_decode(dec, table, tables):
-    """Pop the next len(table) symbols (table: int64 (n,)) from the decoder dict `dec`, updating it in place.
-    A call may start and end in the middle of a row: lanes are independent, and words are read in lane order."""
-    lanes, n = len(dec['x']), len(table)
-    flat = np.empty(n, np.int64)
-    i = 0
-    while i < n:
-        lane = dec['count'] % lanes
-        k = min(lanes - lane, n - i)
-        key = table[i:i + k].astype(np.uint64) << np.uint64(PRECISION)
-        xs = dec['x'][lane:lane + k]
-        slot = xs & np.uint64((1 << PRECISION) - 1)
-        idx = np.searchsorted(tables['start'], slot + key, side='right') - 1
-        xs = tables['freq'][idx] * (xs >> np.uint64(PRECISION)) + slot - (tables['start'][idx] - key)
-        low = xs < RANS_LOW
-        need = int(low.sum())
-        if dec['pos'] + need > len(dec['words']):
-            raise ValueError("bitstream: ran out of coded words (truncated or corrupt stream)")
-        xs[low] = (xs[low] << np.uint64(32)) | dec['words'][dec['pos']:dec['pos'] + need]
-        dec['x'][lane:lane + k] = xs
-        dec['pos'] += need
-        dec['count'] += k
-        flat[i:i + k] = idx
-        i += k
-    sym = flat - tables['base'][table]
-    tail = tables['tail'][table]
-    values = sym - tail
-    escaped = np.flatnonzero(sym == 2 * tail + 1)
-    if dec['escape_pos'] + len(escaped) > len(dec['escapes']):
-        raise ValueError("bitstream: more escape symbols than escaped values (corrupt stream)")
-    values[escaped] = dec['escapes'][dec['escape_pos']:dec['escape_pos'] + len(escaped)]
-    dec['escape_pos'] += len(escaped)
-    return values
-
-
-def rans_finish(dec):
-    """The decoder must end exactly where the encoder began: every lane back at 2^32, every word and escape used."""
-    if (dec['x'] != RANS_LOW).any() or dec['pos'] != len(dec['words']) or dec['escape_pos'] != len(dec['escapes']):
-        raise ValueError("bitstream: the decoder did not end where the encoder began: the stream is corrupt, or the "
-                         "context model ran differently than when encoding (decode with the same model and device "
-                         "type)")
-
-
-# ================================================================================================================
-# transforms, HPCM context model, full codec, compress/decompress
+# transforms: PConvRB and DWConvRB blocks, g_a / g_s / h_a / h_s (LIC-HPCM)
 
 def init_conv_transpose2d(gen, c_in, c_out, k):
     """PyTorch's default init for ConvTranspose2d: U(±1/sqrt(c_out·k·k)) for weight (c_in, c_out, k, k) and bias."""
@@ -732,6 +535,9 @@ def transform(p, cfg, name, x):
             x = F.conv_transpose2d(x, q['weight'], q['bias'], stride=2, padding=layer[3] // 4)
     return x
 
+
+# ================================================================================================================
+# the hierarchical progressive context model: cells, spatial prior, sub-grids and the 11 coding steps
 
 def init_cross_attention_cell(gen, dim):
     """The HPCM baseline context cell: 1x1-conv q from the new context, k and v from the previous one."""
@@ -862,6 +668,52 @@ def context_cell(p, cfg, scale, context, context_next):
     return cross_attention_cell(p, context, context_next, cfg.windows[scale], cfg.heads)
 
 
+# ================================================================================================================
+# entropy model: the Gaussian conditional (rate estimate)
+
+SCALE_BOUND = 0.11  # CompressAI GaussianConditional: scales below this carry no information, only float trouble
+LIKELIHOOD_BOUND = 1e-9
+
+
+class _LowerBound(torch.autograd.Function):
+    """max(x, bound); the gradient passes where x is above the bound or where it would push x back up."""
+
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp_min(bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= ctx.bound) | (grad < 0)).to(grad.dtype), None
+
+
+def lower_bound(x, bound):
+    return _LowerBound.apply(x, bound)
+
+
+def standard_normal_cdf(x):
+    return 0.5 * torch.erfc(-x * 2 ** -0.5)
+
+
+def gaussian_likelihood(residual, scales):
+    """P(the integer bin around `residual`) under N(0, scale): the mean is already subtracted. Using |residual|
+    keeps the difference of CDFs in the accurate lower tail (CompressAI does the same)."""
+    scales = lower_bound(scales, SCALE_BOUND)
+    v = residual.abs()
+    lik = standard_normal_cdf((0.5 - v) / scales) - standard_normal_cdf((-0.5 - v) / scales)
+    return lower_bound(lik, LIKELIHOOD_BOUND)
+
+
+def total_bits(likelihoods):
+    return sum(-torch.log2(lik).sum() for lik in likelihoods.values())
+
+
+# ================================================================================================================
+# the full codec: init, the context loop shared by training and coding, forward
+
 def init_hpcm(cfg, gen):
     M = cfg.M
     return {
@@ -965,34 +817,245 @@ def hpcm_forward(params, x, cfg, training=False):
     return x_hat, likelihoods, total_bits(likelihoods) / (B * H * W)
 
 
+# ================================================================================================================
+# loss
+
+LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's MSE lambdas for qualities 1..6
+
+
+def rate_distortion_loss(x, x_hat, likelihoods, lmbda):
+    """λ·255²·MSE + bpp, the rate over the pixels of x."""
+    B, _, H, W = x.shape
+    bpp = total_bits(likelihoods) / (B * H * W)
+    mse = F.mse_loss(x_hat, x)
+    return {'loss': lmbda * 255 ** 2 * mse + bpp, 'mse': mse, 'bpp': bpp}
+
+
+def psnr(x, x_hat):
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    return -10 * math.log10(max(F.mse_loss(x_hat.clamp(0, 1), x).item(), 1e-12))
+
+
+# ================================================================================================================
+# real coding: rANS on quantised Gaussian CDF tables, vectorised over lanes with numpy
+
+TAIL_MASS = 1e-9  # the two Gaussian tails beyond the table share this mass, coded through an escape symbol
+# The grid the decoder rounds every predicted scale to: its index picks the CDF table, so encoder and decoder agree
+# on the table even where their floats differ in the last bit far from a grid boundary.
+SCALE_TABLE = np.exp(np.linspace(np.log(SCALE_BOUND), np.log(256.0), 64))
+PRECISION = 16  # bits of every quantised CDF
+# rANS states live in [2^32, 2^64) and spill 32 bits at a time: states far above 2^PRECISION keep the
+# rounding loss of each push negligible, even for the many near-certain symbols of a learned latent.
+RANS_LOW = 1 << 32
+
+
+@functools.lru_cache(maxsize=4096)
+def gaussian_freqs(scale):
+    """Integer frequencies summing to 2^PRECISION for the values -T..T of N(0, scale) plus one escape symbol (the
+    tails); every symbol gets at least 1 so any value stays codable. Returns (freqs (2T+2,), T); cached, read-only."""
+    half_tail = -torch.special.ndtri(torch.tensor(TAIL_MASS / 2, dtype=torch.float64)).item()
+    tail = int(np.ceil(scale * half_tail))
+    v = torch.arange(-tail, tail + 1, dtype=torch.float64)
+    pmf = standard_normal_cdf((v + 0.5) / scale) - standard_normal_cdf((v - 0.5) / scale)
+    probs = np.append(pmf.numpy(), max(0.0, 1.0 - pmf.sum().item()))
+    freqs = np.maximum(1, np.rint(probs * (1 << PRECISION))).astype(np.int64)
+    excess = int(freqs.sum()) - (1 << PRECISION)
+    while excess:  # settle the rounding error one count each on the largest bins, never taking one below 1
+        order = np.argsort(-freqs, kind='stable')
+        if excess > 0:
+            order = order[freqs[order] > 1]
+        k = min(abs(excess), len(order))
+        freqs[order[:k]] -= np.sign(excess)
+        excess -= int(np.sign(excess)) * k
+    freqs.setflags(write=False)
+    return freqs, tail
+
+
+def make_cdf_tables(scales):
+    """One quantised Gaussian CDF table per scale, flattened for vectorised lookup: each symbol's frequency `freq`
+    and cumulative frequency `cum`, each table's first symbol `base` and tail `tail`, and `symbol`, the decoder's
+    table from (table << PRECISION) + slot to the symbol (within its table) whose interval holds that slot."""
+    tables = [gaussian_freqs(float(s)) for s in scales]
+    freq = np.concatenate([f for f, _ in tables])
+    cum = np.concatenate([np.cumsum(f) - f for f, _ in tables])
+    symbol = np.concatenate([np.repeat(np.arange(len(f), dtype=np.uint16), f) for f, _ in tables])
+    return {'freq': freq.astype(np.uint64), 'cum': cum.astype(np.uint64), 'symbol': symbol,
+            'base': np.concatenate([[0], np.cumsum([len(f) for f, _ in tables])]).astype(np.int64),
+            'tail': np.array([t for _, t in tables], np.int64)}
+
+
+def symbol_indices(values, table, tables):
+    """Integer values -> flat indices into the tables; values beyond a table's tails map to its escape symbol."""
+    tail = tables['tail'][table]
+    sym = values + tail
+    escaped = (sym < 0) | (sym > 2 * tail)
+    return tables['base'][table] + np.where(escaped, 2 * tail + 1, sym), escaped
+
+
+def ideal_bits(values, table, tables):
+    """The information content -log2 p of the values under the quantised tables (escapes: their symbol only)."""
+    flat, _ = symbol_indices(values, table, tables)
+    return float(-np.log2(tables['freq'][flat] / (1 << PRECISION)).sum())
+
+
+def min_symbol_bits(tables):
+    """A lower bound on what any symbol adds to a stream (its most likely value in its table, less the rounding
+    of a push): n symbols need at least n times this many bits, whatever they are."""
+    return -math.log2(float(tables['freq'].max()) / (1 << PRECISION)) - 2 ** (1 - PRECISION)
+
+
+def encode_varints(values):
+    """Zigzag + LEB128: the few escaped values, which need not be small."""
+    out = bytearray()
+    for v in values.tolist():
+        u = (v << 1) ^ (v >> 63)
+        while u >= 0x80:
+            out.append(u & 0x7F | 0x80)
+            u >>= 7
+        out.append(u)
+    return bytes(out)
+
+
+def decode_varints(data):
+    values, u, shift = [], 0, 0
+    for byte in data:
+        u |= (byte & 0x7F) << shift
+        shift += 7
+        if shift > 70:
+            raise ValueError("bitstream: an escaped value is longer than 64 bits (corrupt stream)")
+        if byte < 0x80:
+            values.append((u >> 1) ^ -(u & 1))
+            u, shift = 0, 0
+    if shift:
+        raise ValueError("bitstream: the escaped values end in the middle of a number (truncated stream)")
+    return values
+
+
+def rans_encode(values, table, tables, lanes, seed=0):
+    """Interleaved rANS: symbol i goes to lane i % lanes; numpy runs all lanes of one row at once.
+
+    values, table: int64 (n,) in decoding order. Every lane starts at RANS_LOW + seed (seed < 2^32), where the
+    decoder must end. Returns (states uint64 (lanes,), words uint32, escapes bytes). rANS is last-in first-out, so
+    rows are pushed from the last to the first; a lane spills its low 32 bits before a push that would overflow 64
+    bits, and the decoder reads that word back right after the matching pop."""
+    flat, escaped = symbol_indices(values, table, tables)
+    freq, cum = tables['freq'][flat], tables['cum'][flat]
+    limit = freq << np.uint64(64 - PRECISION)  # a push from x >= limit would overflow
+    x = np.full(lanes, RANS_LOW + seed, np.uint64)
+    rows = []
+    for r in range((len(values) + lanes - 1) // lanes - 1, -1, -1):
+        row = slice(r * lanes, (r + 1) * lanes)
+        f = freq[row]
+        xs = x[:len(f)]
+        spill = xs >= limit[row]
+        rows.append(xs[spill].astype(np.uint32))  # the low 32 bits
+        xs = np.where(spill, xs >> np.uint64(32), xs)
+        quotient, remainder = np.divmod(xs, f)
+        x[:len(f)] = (quotient << np.uint64(PRECISION)) + remainder + cum[row]
+    words = np.concatenate(rows[::-1]) if rows else np.zeros(0, np.uint32)
+    return x, words, encode_varints(values[escaped])
+
+
+def rans_decoder(states, words, escapes, seed=0):
+    return {'x': states.astype(np.uint64), 'words': words.astype(np.uint64), 'pos': 0, 'count': 0,
+            'escapes': decode_varints(escapes), 'escape_pos': 0, 'end': RANS_LOW + seed}
+
+
+def rans_decode(dec, table, tables):
+    """Pop the next len(table) symbols (table: int64 (n,)) from the decoder dict `dec`, updating it in place.
+    A call may start and end in the middle of a row: lanes are independent, and words are read in lane order."""
+    lanes, n = len(dec['x']), len(table)
+    flat = np.empty(n, np.int64)
+    key = table.astype(np.int64) << PRECISION
+    base = tables['base'][table]
+    mask = np.uint64((1 << PRECISION) - 1)
+    i = 0
+    while i < n:
+        lane = dec['count'] % lanes
+        k = min(lanes - lane, n - i)
+        xs = dec['x'][lane:lane + k]
+        slot = xs & mask
+        idx = base[i:i + k] + tables['symbol'][key[i:i + k] + slot.astype(np.int64)]
+        xs = tables['freq'][idx] * (xs >> np.uint64(PRECISION)) + slot - tables['cum'][idx]
+        low = np.flatnonzero(xs < RANS_LOW)
+        if dec['pos'] + len(low) > len(dec['words']):
+            raise ValueError("bitstream: ran out of coded words (truncated or corrupt stream)")
+        xs[low] = (xs[low] << np.uint64(32)) | dec['words'][dec['pos']:dec['pos'] + len(low)]
+        dec['x'][lane:lane + k] = xs
+        dec['pos'] += len(low)
+        dec['count'] += k
+        flat[i:i + k] = idx
+        i += k
+    sym = flat - base
+    tail = tables['tail'][table]
+    values = sym - tail
+    escaped = np.flatnonzero(sym == 2 * tail + 1)
+    if dec['escape_pos'] + len(escaped) > len(dec['escapes']):
+        raise ValueError("bitstream: more escape symbols than escaped values (corrupt stream)")
+    values[escaped] = dec['escapes'][dec['escape_pos']:dec['escape_pos'] + len(escaped)]
+    dec['escape_pos'] += len(escaped)
+    return values
+
+
+def rans_finish(dec):
+    """The decoder must end exactly where the encoder began: every lane back at its start state, every word and
+    escape used."""
+    if (dec['x'] != dec['end']).any() or dec['pos'] != len(dec['words']) or dec['escape_pos'] != len(dec['escapes']):
+        raise ValueError("bitstream: the decoder did not end where the encoder began: the stream is corrupt or its "
+                         "header was altered, or the context model ran differently than when encoding (decode with "
+                         "the same model and device type)")
+
+
+# ================================================================================================================
+# the bitstream: compress / decompress
+
 BITSTREAM_MAGIC = b'HPCM'
-BITSTREAM_VERSION = 1
+BITSTREAM_VERSION = 2
 # magic, version, phase, height, width, model fingerprint, log2(lanes), words, escape bytes, and a CRC32 of the
 # header fields before it and the payload after it: a flipped bit anywhere is caught before decoding starts.
-HEADER = struct.Struct('<4sBBHHIBIII')
+HEADER = struct.Struct('<4sBBHHQBIII')
+# The largest image a stream may declare (8K UHD is 7680 x 4320): a decoder allocates nothing larger.
+MAX_SIDE, MAX_PIXELS = 16384, 1 << 25
+
+
+def named_leaves(params, prefix=''):
+    """(name, tensor) for every tensor of a parameter tree, in a fixed order."""
+    if isinstance(params, dict):
+        return [leaf for k in sorted(params) for leaf in named_leaves(params[k], f'{prefix}.{k}')]
+    if isinstance(params, (list, tuple)):
+        return [leaf for i, v in enumerate(params) for leaf in named_leaves(v, f'{prefix}.{i}')]
+    return [(prefix, params)]
 
 
 def model_fingerprint(params):
-    """CRC32 of every tensor's name, shape and a strided sample of its values: a stream names the model that
-    wrote it."""
-    names, samples, stack = [], [], [('', params)]
-    while stack:
-        name, node = stack.pop()
-        if isinstance(node, dict):
-            stack += [(f'{name}.{k}', v) for k, v in sorted(node.items(), reverse=True)]
-        elif isinstance(node, (list, tuple)):
-            stack += [(f'{name}.{i}', v) for i, v in reversed(list(enumerate(node)))]
-        else:
-            names.append(f'{name}{tuple(node.shape)}')
-            flat = node.detach().reshape(-1)
-            samples.append(flat[::max(1, flat.numel() // 61)].float())
-    return zlib.crc32(torch.cat(samples).cpu().numpy().tobytes(), zlib.crc32(' '.join(names).encode()))
+    """BLAKE2b (8 bytes) of every tensor's name, shape, dtype and every value: a stream names the exact model that
+    wrote it, and a model differing in any weight refuses it."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in named_leaves(params):
+        h.update(f'{name}{tuple(t.shape)}{t.dtype};'.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), 'little')
 
 
 def entropy_tables(params):
     """z: one table per channel at its learned scale; y: one per entry of SCALE_TABLE, after the N z tables."""
     z_scales = lower_bound(params['scales_hyper'].detach(), SCALE_BOUND).reshape(-1).double().cpu().numpy()
     return make_cdf_tables(np.concatenate([z_scales, SCALE_TABLE]))
+
+
+@dataclass
+class Coder:
+    """A model ready to code images: its parameters and config, and what compress/decompress derive from them once
+    per loaded model (the fingerprint streams carry, the rANS tables). Build it with make_coder; build it again
+    after the parameters change."""
+    params: dict
+    cfg: HPCMConfig
+    fingerprint: int
+    tables: dict
+
+
+def make_coder(params, cfg):
+    return Coder(params, cfg, model_fingerprint(params), entropy_tables(params))
 
 
 def scale_index(scales):
@@ -1009,15 +1072,39 @@ def deterministic(device):
     return contextlib.nullcontext()
 
 
-def compress(params, x, cfg):
-    """One image (1, 3, H, W) in [0, 1] -> bytes: header, rANS lane states, 32-bit words, escaped values."""
-    check_image(x)
-    if x.shape[0] != 1:
-        raise ValueError(f"compress: x holds one image (1, 3, H, W), got a batch of {x.shape[0]}")
+def check_compress_input(x, device):
+    """The one image compress codes, as float32 (1, 3, H, W) on the model's device; anything else is refused with
+    the reason. Integers are refused rather than guessed at (255 or 1 as white?); floats of any width convert."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"compress: x must be a torch tensor (1, 3, H, W), got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[:2] != (1, 3):
+        raise ValueError(f"compress: x must be one RGB image (1, 3, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"compress: x must hold floats in [0, 1], got {x.dtype} (uint8 pixels: x.float() / 255)")
     H, W = x.shape[2:]
-    if H > 65535 or W > 65535:
-        raise ValueError(f"compress: image sides must be < 65536, got {H}x{W}")
-    N = cfg.N
+    if not (0 < H <= MAX_SIDE and 0 < W <= MAX_SIDE and H * W <= MAX_PIXELS):
+        raise ValueError(f"compress: x is {H}x{W}; sides must be 1..{MAX_SIDE} and H*W at most {MAX_PIXELS}")
+    x = x.to(device, torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("compress: x holds NaN or infinite values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"compress: x must lie in [0, 1], its values span [{lo:.4g}, {hi:.4g}]")
+    return x
+
+
+def stream_seed(fields, escapes):
+    """Where every rANS lane starts and the decoder must end: a CRC of the header fields and the escaped values, so
+    a header or escape changed with a re-computed CRC still fails at the end of decoding."""
+    return zlib.crc32(escapes, zlib.crc32(fields))
+
+
+def compress(coder, x):
+    """One image (1, 3, H, W), values in [0, 1], sides up to MAX_SIDE and at most MAX_PIXELS pixels -> bytes:
+    header, rANS lane states, 32-bit words, escaped values."""
+    params, cfg, N = coder.params, coder.cfg, coder.cfg.N
+    x = check_compress_input(x, params['means_hyper'].device)
+    H, W = x.shape[2:]
     values, tables_of = [], []
     with torch.no_grad(), deterministic(x.device):
         y = transform(params['g_a'], cfg, 'g_a', pad_image(x))
@@ -1033,21 +1120,23 @@ def compress(params, x, cfg):
             tables_of.append(N + scale_index(scales[coded]))
             return dequantize(q, means, mask)
         hpcm_context(params, cfg, transform(params['h_s'], cfg, 'h_s', z_q + params['means_hyper']), code_step)
-    values = torch.cat(values).long().cpu().numpy()
-    table = torch.cat(tables_of).cpu().numpy()
-    tables = entropy_tables(params)
+        values = torch.cat(values).long().cpu().numpy()
+        table = torch.cat(tables_of).cpu().numpy()
     # Each lane's final state costs ~6 bytes; keep that under ~0.6% of the payload, but use as many lanes as that
     # allows, since numpy's cost is per row of lanes.
-    log2_lanes = int(np.clip(np.log2(max(1.0, ideal_bits(values, table, tables) / 8 / 1000)), 0, 10))
-    states, words, escapes = rans_encode(values, table, tables, 1 << log2_lanes)
+    log2_lanes = int(np.clip(np.log2(max(1.0, ideal_bits(values, table, coder.tables) / 8 / 1000)), 0, 10))
+    _, escaped = symbol_indices(values, table, coder.tables)
+    escapes = encode_varints(values[escaped])
+    fields = HEADER.pack(BITSTREAM_MAGIC, BITSTREAM_VERSION, cfg.phase, H, W, coder.fingerprint, log2_lanes, 0, 0,
+                         0)[:-12]
+    states, words, _ = rans_encode(values, table, coder.tables, 1 << log2_lanes, stream_seed(fields, escapes))
     body = states.astype('<u8').tobytes() + words.astype('<u4').tobytes() + escapes
-    fields = HEADER.pack(BITSTREAM_MAGIC, BITSTREAM_VERSION, cfg.phase, H, W, model_fingerprint(params), log2_lanes,
-                         len(words), len(escapes), 0)[:-4]
+    fields += struct.pack('<II', len(words), len(escapes))
     return fields + struct.pack('<I', zlib.crc32(fields + body)) + body
 
 
-def decompress(params, data, cfg):
-    """bytes from compress -> x_hat (1, 3, H, W) in [0, 1], equal to the encoder's reconstruction."""
+def read_header(data, coder):
+    """Check a stream's header against its payload and the model -> (H, W, lanes, words, escapes, seed)."""
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"decompress: data must be bytes, got {type(data).__name__}")
     if len(data) < HEADER.size:
@@ -1065,26 +1154,39 @@ def decompress(params, data, cfg):
                          f"({'truncated' if len(body) < expected else 'trailing bytes'})")
     if zlib.crc32(bytes(data[:HEADER.size - 4]) + body) != crc:
         raise ValueError("bitstream: checksum mismatch, the stream is corrupt")
-    if phase != cfg.phase:
-        raise ValueError(f"bitstream: written by a phase {phase} model, cfg.phase is {cfg.phase}")
-    if fingerprint != model_fingerprint(params):
+    if phase != coder.cfg.phase:
+        raise ValueError(f"bitstream: written by a phase {phase} model, this model is phase {coder.cfg.phase}")
+    if fingerprint != coder.fingerprint:
         raise ValueError("bitstream: written by a different model (parameter fingerprint mismatch)")
-    device = params['means_hyper'].device
-    dec = rans_decoder(np.frombuffer(body, '<u8', lanes), np.frombuffer(body, '<u4', n_words, 8 * lanes),
-                       body[8 * lanes + 4 * n_words:])
-    tables = entropy_tables(params)
+    if not (0 < H <= MAX_SIDE and 0 < W <= MAX_SIDE and H * W <= MAX_PIXELS):
+        raise ValueError(f"bitstream: declares a {H}x{W} image; sides must be 1..{MAX_SIDE}, H*W at most {MAX_PIXELS}")
     Hp, Wp = H + -H % 64, W + -W % 64
-    N = cfg.N
+    symbols = coder.cfg.N * (Hp // 64) * (Wp // 64) + coder.cfg.M * (Hp // 16) * (Wp // 16)
+    if symbols * min_symbol_bits(coder.tables) > 32 * (n_words + lanes):
+        raise ValueError(f"bitstream: declares a {H}x{W} image, whose {symbols} symbols cannot fit in "
+                         f"{4 * (n_words + 2 * lanes)} bytes of rANS payload")
+    escapes = body[8 * lanes + 4 * n_words:]
+    seed = stream_seed(bytes(data[:HEADER.size - 12]), escapes)
+    return H, W, np.frombuffer(body, '<u8', lanes), np.frombuffer(body, '<u4', n_words, 8 * lanes), escapes, seed
+
+
+def decompress(coder, data):
+    """bytes from compress -> x_hat (1, 3, H, W) in [0, 1], equal to the encoder's reconstruction."""
+    params, cfg, N = coder.params, coder.cfg, coder.cfg.N
+    H, W, states, words, escapes, seed = read_header(data, coder)
+    dec = rans_decoder(states, words, escapes, seed)
+    device = params['means_hyper'].device
+    Hp, Wp = H + -H % 64, W + -W % 64
     z_table = np.repeat(np.arange(N), (Hp // 64) * (Wp // 64))
     with torch.no_grad(), deterministic(device):
-        z_q = torch.from_numpy(rans_decode(dec, z_table, tables)).to(device, torch.float32)
+        z_q = torch.from_numpy(rans_decode(dec, z_table, coder.tables)).to(device, torch.float32)
         hyper = transform(params['h_s'], cfg, 'h_s', z_q.view(1, N, Hp // 64, Wp // 64) + params['means_hyper'])
 
         def code_step(step, scale, scales, means, mask):
             coded = mask.expand_as(means).bool()
             q = torch.zeros_like(means)
             table = (N + scale_index(scales[coded])).cpu().numpy()
-            q[coded] = torch.from_numpy(rans_decode(dec, table, tables)).to(device, q.dtype)
+            q[coded] = torch.from_numpy(rans_decode(dec, table, coder.tables)).to(device, q.dtype)
             return dequantize(q, means, mask)
         y_hat = hpcm_context(params, cfg, hyper, code_step)
         rans_finish(dec)
@@ -1092,23 +1194,7 @@ def decompress(params, data, cfg):
 
 
 # ================================================================================================================
-# loss and data
-
-LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483)  # CompressAI's MSE lambdas for qualities 1..6
-
-
-def rate_distortion_loss(x, x_hat, likelihoods, lmbda):
-    """λ·255²·MSE + bpp, the rate over the pixels of x."""
-    B, _, H, W = x.shape
-    bpp = total_bits(likelihoods) / (B * H * W)
-    mse = F.mse_loss(x_hat, x)
-    return {'loss': lmbda * 255 ** 2 * mse + bpp, 'mse': mse, 'bpp': bpp}
-
-
-def psnr(x, x_hat):
-    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
-    return -10 * math.log10(max(F.mse_loss(x_hat.clamp(0, 1), x).item(), 1e-12))
-
+# data
 
 def synthetic_image(gen, H, W):
     """A generated photo-like image (3, H, W) in [0, 1]: a smooth colour gradient, random ellipses and rectangles
@@ -1130,21 +1216,28 @@ def synthetic_image(gen, H, W):
     return (img + 0.08 * (texture[0] - 0.5)).clamp(0, 1)
 
 
+def image_to_tensor(img):
+    """uint8 (H, W, 3) -> float (1, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+
+
+def tensor_to_image(x):
+    """float (1, 3, H, W) or (3, H, W) in [0, 1] -> uint8 (H, W, 3), rounded."""
+    x = x[0] if x.dim() == 4 else x
+    return (x.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def random_crops(images, size, batch, gen):
-    """A batch (B, 3, size, size) in [0, 1] of random crops (with random flips) from a list of uint8 (H, W, 3)
-    arrays or float (3, H, W) tensors, each at least size x size."""
-    out = []
+    """A batch (B, 3, size, size) in [0, 1] of random crops, each flipped left-right with probability 1/2, from a
+    list of uint8 (H, W, 3) images at least size x size: images stay uint8 and only the crops become floats."""
+    crops = []
     for _ in range(batch):
         img = images[int(torch.randint(len(images), (1,), generator=gen))]
-        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255 \
-            if isinstance(img, np.ndarray) else img
-        H, W = img.shape[1:]
+        H, W = img.shape[:2]
         if H < size or W < size:
             raise ValueError(f"random_crops: an image of {H}x{W} is smaller than the crop size {size}")
         top = int(torch.randint(H - size + 1, (1,), generator=gen))
         left = int(torch.randint(W - size + 1, (1,), generator=gen))
-        crop = img[:, top:top + size, left:left + size]
-        if torch.rand(1, generator=gen).item() < 0.5:
-            crop = crop.flip(2)
-        out.append(crop)
-    return torch.stack(out)
+        crop = img[top:top + size, left:left + size]
+        crops.append(crop[:, ::-1] if torch.rand(1, generator=gen).item() < 0.5 else crop)
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255

@@ -76,28 +76,49 @@ def test_train_png_roundtrip(tmp_path_factory, h, w, rgb, seed):
     assert np.array_equal(back, img if rgb else np.repeat(img[..., None], 3, axis=2))
 
 
-def test_train_read_image_all_png_filters(tmp_path):
-    """read_image undoes Sub/Up/Average/Paeth: encode rows with each filter by the PNG spec's formulas."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    rows, prev = [], np.zeros(15, np.int32)
-    for y in range(6):
-        cur, ftype = img[y].reshape(-1).astype(np.int32), y % 5
-        left = np.concatenate([np.zeros(3, np.int32), cur[:-3]])
-        upleft = np.concatenate([np.zeros(3, np.int32), prev[:-3]])
-        p = left + prev - upleft
-        pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        pred = [0 * cur, left, prev, (left + prev) // 2, paeth][ftype]
-        rows.append(bytes([ftype]) + ((cur - pred) & 255).astype(np.uint8).tobytes())
+@settings(max_examples=25)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), channels=st.sampled_from([1, 2, 3, 4]), seed=st.integers(0, 2**16),
+       filters=st.sampled_from(['mixed', 'none/sub/up']))
+def test_train_read_image_all_png_filters(tmp_path_factory, h, w, channels, seed, filters):
+    """read_image undoes None/Sub/Up/Average/Paeth in any order of rows: rows encoded by the PNG spec's formulas,
+    one byte at a time (grey, grey+alpha, RGB, RGBA; both the per-row and the anti-diagonal decoder)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    ftypes = rng.integers(0, 5 if filters == 'mixed' else 3, h)
+    rows, prev = [], [0] * (w * channels)
+    for y in range(h):
+        cur = img[y].reshape(-1).tolist()
+        out = [int(ftypes[y])]
+        for x in range(w * channels):
+            a, b = (cur[x - channels] if x >= channels else 0), prev[x]
+            c = prev[x - channels] if x >= channels else 0
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            paeth = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            out.append((cur[x] - [0, a, b, (a + b) // 2, paeth][ftypes[y]]) % 256)
+        rows.append(bytes(out))
         prev = cur
     chunk = lambda k, d: struct.pack('>I', len(d)) + k + d + struct.pack('>I', zlib.crc32(k + d) & 0xffffffff)
-    data = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 5, 6, 8, 2, 0, 0, 0))
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    data = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, colour, 0, 0, 0))
             + chunk(b'IDAT', zlib.compress(b''.join(rows))) + chunk(b'IEND', b''))
-    (tmp_path / 'f.png').write_bytes(data)
-    assert np.array_equal(train.read_image(str(tmp_path / 'f.png')), img)
+    path = tmp_path_factory.mktemp('png') / 'f.png'
+    path.write_bytes(data)
+    expected = np.repeat(img[..., :1], 3, axis=2) if channels < 3 else img[..., :3]
+    assert np.array_equal(train.read_image(str(path)), expected)
+
+
+def test_train_read_image_ppm_and_damaged_files_name_the_file(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
     (tmp_path / 'f.ppm').write_bytes(b'P6\n# comment\n5 6\n255\n' + img.tobytes())
     assert np.array_equal(train.read_image(str(tmp_path / 'f.ppm')), img)
+    train.write_png(str(tmp_path / 'ok.png'), img)
+    good = (tmp_path / 'ok.png').read_bytes()
+    for name, data in (('short.ppm', b'P6\n5 6\n255\n' + img.tobytes()[:-1]), ('trunc.png', good[:40]),
+                       ('zlib.png', good[:41] + bytes(20) + good[61:]), ('text.png', b'hello')):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            train.read_image(str(tmp_path / name))
 
 
 def tiny_model():
@@ -1964,8 +1985,9 @@ def test_hpcm_compress_decompress_roundtrip(phase):
         for q in (params['h_s'][-2], params['prior_s1_s2']['out'], params['prior_s3']['out']):
             q['bias'][:cfg.M] += 4
     x = hpcm.synthetic_image(torch.Generator().manual_seed(1), 72, 100)[None]
-    data = hpcm.compress(params, x, cfg)
-    decoded = hpcm.decompress(params, data, cfg)
+    coder = hpcm.make_coder(params, cfg)
+    data = hpcm.compress(coder, x)
+    decoded = hpcm.decompress(coder, data)
     with torch.no_grad():
         x_hat, likelihoods, bpp = hpcm.hpcm_forward(params, x, cfg)
     assert decoded.shape == x.shape and torch.equal(decoded, x_hat.clamp(0, 1))
@@ -1975,29 +1997,111 @@ def test_hpcm_compress_decompress_roundtrip(phase):
     assert math.isclose(bpp.item(), bits.item() / (72 * 100), rel_tol=1e-6)
 
 
+def restamp(data, **fields):
+    """A stream with header fields replaced and its CRC re-computed, as a forger would."""
+    names = ('magic', 'version', 'phase', 'H', 'W', 'fingerprint', 'log2_lanes', 'n_words', 'n_escape', 'crc')
+    values = dict(zip(names, hpcm.HEADER.unpack_from(data)))
+    values.update(fields)
+    head = hpcm.HEADER.pack(*[values[n] for n in names])[:-4]
+    body = data[hpcm.HEADER.size:]
+    return head + struct.pack('<I', zlib.crc32(head + body)) + body
+
+
 def test_hpcm_bad_streams_raise_clear_errors():
     cfg, params = hpcm_tiny(0)
-    x = torch.rand(1, 3, 64, 64)
-    data = hpcm.compress(params, x, cfg)
+    coder = hpcm.make_coder(params, cfg)
+    x = torch.rand(1, 3, 60, 64)
+    data = hpcm.compress(coder, x)
+    assert hpcm.HEADER.unpack_from(data)[3:5] == (60, 64)  # the exact size, not the padded one
     flipped = bytearray(data)
     flipped[-5] ^= 0x10
     for bad, message in ((bytes(flipped), 'checksum'), (data[:-7], 'truncated'), (data[:10], 'truncated'),
                          (b'JPEG' + data[4:], 'not an HPCM stream'), (data + b'\0', 'trailing')):
         with pytest.raises(ValueError, match=message):
-            hpcm.decompress(params, bad, cfg)
+            hpcm.decompress(coder, bad)
     for i in range(4, hpcm.HEADER.size):  # every header field after the magic: version, shape, lengths, CRC
         flipped = bytearray(data)
         flipped[i] ^= 0x04
         with pytest.raises(ValueError, match='bitstream'):
-            hpcm.decompress(params, bytes(flipped), cfg)
+            hpcm.decompress(coder, bytes(flipped))
+    # forged headers with a valid CRC: another size within the same padded size decodes nothing
+    for H, W in ((61, 64), (60, 63), (64, 64)):
+        with pytest.raises(ValueError, match='did not end where the encoder began'):
+            hpcm.decompress(coder, restamp(data, H=H, W=W))
+    for H, W in ((0, 64), (60, 0), (hpcm.MAX_SIDE + 1, 64), (8192, 8192)):
+        with pytest.raises(ValueError, match=f'declares a {H}x{W} image'):
+            hpcm.decompress(coder, restamp(data, H=H, W=W))
     _, other = hpcm_tiny(0, seed=1)
     with pytest.raises(ValueError, match='different model'):
-        hpcm.decompress(other, data, cfg)
+        hpcm.decompress(hpcm.make_coder(other, cfg), data)
+    with torch.no_grad():  # one weight of one tensor changed: another model
+        params['adaptors'][3]['weight'][5, 7, 0, 0] += 1e-3
+    with pytest.raises(ValueError, match='different model'):
+        hpcm.decompress(hpcm.make_coder(params, cfg), data)
     cfg1, params1 = hpcm_tiny(1)
     with pytest.raises(ValueError, match='phase 0'):
-        hpcm.decompress(params1, data, cfg1)
-    with pytest.raises(ValueError, match='batch of 2'):
-        hpcm.compress(params, torch.rand(2, 3, 64, 64), cfg)
+        hpcm.decompress(hpcm.make_coder(params1, cfg1), data)
+
+
+def test_hpcm_stream_bound_and_escape_forgery():
+    """The size bound: n symbols need n * min_symbol_bits, which the tables guarantee (every symbol has frequency
+    >= 1); a stream of a bigger declared size is refused before any decoding. An escaped value changed (CRC
+    re-computed) fails at the end of decoding, since the lanes start from a CRC of the escapes."""
+    tables = hpcm.make_cdf_tables(np.array([0.11, 3.0]))
+    most = max(hpcm.gaussian_freqs(s)[0].max() for s in (0.11, 3.0))
+    assert math.isclose(hpcm.min_symbol_bits(tables), -math.log2(most / 2**16) - 2**-15)
+    n = 400_000  # the most likely symbol every time: the cheapest possible stream of n symbols
+    values, table = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    states, words, _ = hpcm.rans_encode(values, table, tables, 16)
+    added = np.log2(states.astype(np.float64) / 2**32).sum() + 32 * len(words)  # bits the lanes took on
+    assert 0 < n * hpcm.min_symbol_bits(tables) <= added <= 32 * (len(words) + 16)
+    cfg, params = hpcm_tiny(0)
+    with torch.no_grad():
+        for t in params['g_a'][-1].values():
+            t *= 1e4  # latents far beyond the tables: escapes
+    coder = hpcm.make_coder(params, cfg)
+    data = hpcm.compress(coder, torch.rand(1, 3, 64, 64))
+    n_escape = hpcm.HEADER.unpack_from(data)[8]
+    assert n_escape > 0
+    forged = bytearray(data)
+    forged[-1] ^= 0x01  # the last escaped value, its last byte (still a complete varint)
+    forged = restamp(bytes(forged))
+    with pytest.raises(ValueError, match='did not end where the encoder began'):
+        hpcm.decompress(coder, forged)
+
+
+def test_hpcm_compress_checks_its_input():
+    cfg, params = hpcm_tiny(0)
+    coder = hpcm.make_coder(params, cfg)
+    x = torch.rand(1, 3, 64, 64)
+    data = hpcm.compress(coder, x)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):  # converted to float32, coded as that
+        assert hpcm.compress(coder, x.to(dtype)) == hpcm.compress(coder, x.to(dtype).float())
+    assert hpcm.compress(coder, x.double()) == data
+    nan, inf = x.clone(), x.clone()
+    nan[0, 1, 2, 3], inf[0, 0, 0, 0] = float('nan'), -float('inf')
+    for bad, message in ((nan, 'NaN or infinite'), (inf, 'NaN or infinite'), (x * 255, r'\[0, 1\]'),
+                         (x * 2 - 1, r'\[0, 1\]'), ((x * 255).byte(), 'uint8'), (torch.rand(1, 3, 0, 64), '0x64'),
+                         (torch.rand(1, 3, 64, 0), '64x0'), (torch.rand(2, 3, 64, 64), r'\(2, 3, 64, 64\)'),
+                         (x[0], r'\(3, 64, 64\)'), (x.numpy(), 'ndarray')):
+        with pytest.raises(ValueError, match='compress: .*' + message):
+            hpcm.compress(coder, bad)
+
+
+def test_hpcm_fingerprint_covers_every_value_and_name():
+    cfg, params = hpcm_tiny(0)
+    base = hpcm.model_fingerprint(params)
+    assert base == hpcm.model_fingerprint(hpcm_tiny(0)[1]) and base != hpcm.model_fingerprint(hpcm_tiny(0, 1)[1])
+    for name, t in hpcm.named_leaves(params):  # every tensor, its last value
+        old = t.view(-1)[-1].item()
+        with torch.no_grad():
+            t.view(-1)[-1] = old + 1
+        assert hpcm.model_fingerprint(params) != base, name
+        with torch.no_grad():
+            t.view(-1)[-1] = old
+    assert hpcm.model_fingerprint(params) == base
+    names = [n for n, _ in hpcm.named_leaves(params)]
+    assert len(names) == len(set(names)) == len(train.tree_leaves(params))
 
 
 def test_hpcm_param_counts_and_context_net_beside_seed():
@@ -2030,8 +2134,8 @@ def test_hpcm_training_step_and_loss():
     leaves = train.tree_leaves(params)
     for t in leaves:
         t.requires_grad_(True)
-    x = hpcm.random_crops([hpcm.synthetic_image(torch.Generator().manual_seed(0), 80, 96)], 64, 2,
-                          torch.Generator().manual_seed(1))
+    x = hpcm.random_crops([hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(0), 80, 96))], 64,
+                          2, torch.Generator().manual_seed(1))
     assert x.shape == (2, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
     x_hat, likelihoods, bpp = hpcm.hpcm_forward(params, x, cfg, training=True)
     out = hpcm.rate_distortion_loss(x, x_hat, likelihoods, hpcm.LAMBDAS[3])
@@ -2059,8 +2163,88 @@ def test_hpcm_train_cli_trains_resumes_and_evaluates(tmp_path, capsys):
                 '--eval_images', '1', '--eval_size', '64', '64'])
     row = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith('average')][0]
     assert row.split()[-3] == 'True'  # decoded == the encoder's reconstruction
-    with pytest.raises(SystemExit, match='--patch_size'):
+    with pytest.raises(SystemExit) as exit_:
         train.main(['hpcm', '--device', 'cpu', '--patch_size', '100', '--log_dir', log_dir])
+    assert exit_.value.code == 2 and '--patch_size' in capsys.readouterr().err
+
+
+def test_hpcm_cli_compresses_and_decompresses_files(tmp_path, capsys):
+    """--compress / --decompress with model.pt (no optimizer state) or ckpt.pt: any size, the decoded PNG equals
+    the encoder's reconstruction (computed here from load_for_inference's model), and clear errors, exit 2."""
+    log_dir = str(tmp_path / 'run')
+    train.main(['hpcm', '--device', 'cpu', '--phase', '0', '--log_dir', log_dir, '--num_images', '2', '--batch_size',
+                '1', '--training_iterations', '1', '--eval_every', '0'])
+    model = os.path.join(log_dir, 'model.pt')
+    assert 'opt' not in torch.load(model, weights_only=False) and os.path.getsize(model) < 0.6 * os.path.getsize(
+        os.path.join(log_dir, 'ckpt.pt'))
+    img = hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(3), 37, 70))
+    train.write_png(str(tmp_path / 'in.png'), img)
+    for ckpt in (model, os.path.join(log_dir, 'ckpt.pt')):
+        stream, out = str(tmp_path / 'x.hpcm'), str(tmp_path / 'out.png')
+        train.main(['hpcm', '--device', 'cpu', '--compress', str(tmp_path / 'in.png'), stream, '--ckpt', ckpt])
+        train.main(['hpcm', '--device', 'cpu', '--decompress', stream, out, '--ckpt', ckpt])
+        params, cfg = train.load_for_inference(ckpt)
+        with torch.no_grad(), hpcm.deterministic(torch.device('cpu')):
+            x_hat = hpcm.hpcm_forward(params, hpcm.image_to_tensor(img), cfg)[0]
+        assert np.array_equal(train.read_image(out), hpcm.tensor_to_image(x_hat))
+        assert sorted(os.listdir(tmp_path)) == ['in.png', 'out.png', 'run', 'x.hpcm']  # no temporary files left
+    assert 'in.png (70x37) -> ' in capsys.readouterr().out
+    (tmp_path / 'bad.hpcm').write_bytes(b'HPCM' + bytes(40))
+    (tmp_path / 'other.pt').write_bytes(b'not a checkpoint')
+    torch.save({'params': {}, 'step': 0}, str(tmp_path / 'ctm.pt'))
+    cases = [(['--decompress', str(tmp_path / 'bad.hpcm'), str(tmp_path / 'o.png'), '--ckpt', model], 'bitstream'),
+             (['--decompress', str(tmp_path / 'nothing'), str(tmp_path / 'o.png'), '--ckpt', model], 'nothing'),
+             (['--compress', str(tmp_path / 'bad.hpcm'), str(tmp_path / 'o.hpcm'), '--ckpt', model], 'bad.hpcm'),
+             (['--compress', str(tmp_path / 'in.png'), str(tmp_path / 'o.hpcm'), '--ckpt', str(tmp_path / 'other.pt')],
+              'cannot be read'),
+             (['--compress', str(tmp_path / 'in.png'), str(tmp_path / 'o.hpcm'), '--ckpt', str(tmp_path / 'ctm.pt')],
+              'not a checkpoint of train.py hpcm'),
+             (['--compress', str(tmp_path / 'in.png'), str(tmp_path / 'o.hpcm')], '--ckpt')]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            train.main(['hpcm', '--device', 'cpu', *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not os.path.exists(tmp_path / 'o.png') and not os.path.exists(tmp_path / 'o.hpcm')
+
+
+def test_hpcm_batches_shard_one_global_batch():
+    """Ranks take consecutive slices of one global batch of crops, fixed by (seed, step): resumable and sharded."""
+    images = [hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(k), 80, 96)) for k in range(3)]
+    args = argparse.Namespace(seed=2, patch_size=64, batch_size=2)
+    whole = train.hpcm_batch(images, argparse.Namespace(seed=2, patch_size=64, batch_size=4), 7)
+    shards = [train.hpcm_batch(images, args, 7, rank, 2) for rank in range(2)]
+    assert torch.equal(torch.cat(shards), whole)
+    assert not torch.equal(whole, train.hpcm_batch(images, argparse.Namespace(seed=2, patch_size=64, batch_size=4), 8))
+
+
+def test_hpcm_random_crops_are_crops_or_mirrored_crops():
+    img = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    crops = hpcm.random_crops([img], 64, 16, torch.Generator().manual_seed(0))
+    found = {True: 0, False: 0}
+    for crop in crops:
+        c = (crop.permute(1, 2, 0) * 255).round().byte().numpy()
+        for flipped in (False, True):
+            view = c[:, ::-1] if flipped else c
+            if any(np.array_equal(img[t:t + 64, s:s + 64], view) for t in range(7) for s in range(27)):
+                found[flipped] += 1
+    assert found[False] + found[True] == 16 and found[False] > 0 and found[True] > 0
+    with pytest.raises(ValueError, match='smaller than the crop size 80'):
+        hpcm.random_crops([img], 80, 1, torch.Generator())
+
+
+def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
+    """torchrun, 2 CPU ranks (gloo): rank 0 alone prints and saves; the checkpoint resumes on one process."""
+    log_dir = str(tmp_path / 'two')
+    tiny = ['hpcm', '--device', 'cpu', '--phase', '0', '--num_images', '2', '--batch_size', '1', '--eval_every', '0',
+            '--log_every', '1', '--log_dir', log_dir]
+    ran = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          os.path.join(HERE, 'train.py'), *tiny, '--training_iterations', '2'],
+                         capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count('step 2/2') == 1 and '2 ranks x batch 1' in ran.stdout
+    ran = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *tiny, '--training_iterations', '3',
+                          '--resume'], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert ran.returncode == 0 and 'resumed' in ran.stdout and 'step 3/3' in ran.stdout, ran.stderr[-3000:]
 
 
 # ================================================================================================================

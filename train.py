@@ -10,6 +10,7 @@ progress line, atomic checkpoints, metrics log, a stdlib PNG writer/reader) live
 flags and loop follow in its own section.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -223,6 +224,18 @@ def _png_chunk(kind, data):
     return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
 
 
+def write_file_atomic(path, data):
+    """Write bytes to a temporary file in the same folder, then rename: readers never see a partial file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_png(path, image):
     """uint8 (H, W) grey or (H, W, 3) RGB -> PNG file, stdlib only (filter 0 on every row)."""
     image = np.asarray(image)
@@ -233,66 +246,82 @@ def write_png(path, image):
     rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, -1)], axis=1)
     data = (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, colour, 0, 0, 0))
             + _png_chunk(b'IDAT', zlib.compress(rows.tobytes(), 6)) + _png_chunk(b'IEND', b''))
-    with open(path, 'wb') as f:
-        f.write(data)
+    write_file_atomic(path, data)
 
 
 def _unfilter_png(raw, h, w, channels):
-    stride = w * channels
-    rows = np.frombuffer(raw, np.uint8).reshape(h, stride + 1)
-    out = np.zeros((h, stride), np.int32)
-    prev = np.zeros(stride, np.int32)
-    for y in range(h):
-        ftype, line = rows[y, 0], rows[y, 1:].astype(np.int32)
-        if ftype == 0:
-            cur = line
-        elif ftype == 2:
-            cur = (line + prev) & 255
-        else:  # Sub, Average and Paeth depend on the pixel to the left: walk the row
-            cur = np.zeros(stride, np.int32)
-            for x in range(stride):
-                a = cur[x - channels] if x >= channels else 0
-                b, c = prev[x], (prev[x - channels] if x >= channels else 0)
-                if ftype == 1:
-                    pred = a
-                elif ftype == 3:
-                    pred = (a + b) // 2
-                elif ftype == 4:
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                else:
-                    raise ValueError(f"PNG: unknown filter type {ftype} in row {y}")
-                cur[x] = (line[x] + pred) & 255
-        out[y] = prev = cur
-    return out.astype(np.uint8).reshape(h, w, channels)
+    """Undo the PNG row filters (None, Sub, Up, Average, Paeth) -> uint8 (h, w, channels).
+
+    Rows that only use None/Sub/Up take a few numpy operations per row. Average and Paeth predict each byte from
+    its left, upper and upper-left neighbours; then the image is decoded along anti-diagonals (x + y constant),
+    whose pixels depend only on the two diagonals before: h + w - 1 vectorised steps instead of h·w pixel steps."""
+    rows = np.frombuffer(raw, np.uint8, h * (w * channels + 1)).reshape(h, w * channels + 1)
+    ftype, lines = rows[:, 0], rows[:, 1:].reshape(h, w, channels)
+    if ftype.max(initial=0) > 4:
+        raise ValueError(f"unknown PNG filter type {ftype.max()} in row {int(np.argmax(ftype > 4))}")
+    if not ftype.any():
+        return lines.copy()
+    lines = lines.astype(np.int32)
+    if (ftype <= 2).all():
+        out = np.where((ftype == 1)[:, None, None], lines.cumsum(1), lines)  # None as is, Sub a running sum
+        for y in np.flatnonzero(ftype == 2):  # Up adds the decoded row above
+            out[y] = lines[y] + (out[y - 1] if y else 0)
+        return (out & 255).astype(np.uint8)
+    # Skewed layout: diagonal d = y + x, row y (1-based; row 0 and column x = 0 are the zero border), so that each
+    # diagonal's left (a), upper (b) and upper-left (c) neighbours are contiguous slices of the two before.
+    yy, xx = np.mgrid[1:h + 1, 1:w + 1]
+    skewed = np.zeros((h + w + 1, h + 1, channels), np.int16)
+    skewed[yy + xx, yy] = lines
+    out = np.zeros_like(skewed)
+    for d in range(2, h + w + 1):
+        lo, hi = max(1, d - w), min(h, d - 1) + 1
+        a, b, c = out[d - 1, lo:hi], out[d - 1, lo - 1:hi - 1], out[d - 2, lo - 1:hi - 1]
+        p = a + b - c
+        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        f = ftype[lo - 1:hi - 1, None]
+        pred = np.where(f == 4, paeth, np.where(f == 3, (a + b) >> 1, np.where(f == 2, b, np.where(f == 1, a, 0))))
+        out[d, lo:hi] = (skewed[d, lo:hi] + pred) & 255
+    return out[yy + xx, yy].astype(np.uint8)
 
 
 def read_image(path):
-    """PNG (8-bit grey/RGB/RGBA, non-interlaced) or binary PPM/PGM -> uint8 (H, W, 3). Stdlib + numpy only."""
+    """PNG (8-bit grey/RGB/RGBA, non-interlaced) or binary PPM/PGM -> uint8 (H, W, 3). Stdlib + numpy only.
+    A file that is not such an image, or is damaged, raises ValueError naming the file."""
     with open(path, 'rb') as f:
         data = f.read()
-    if data[:2] in (b'P5', b'P6'):
-        fields, pos = [], 2
-        while len(fields) < 3:
-            while data[pos:pos + 1].isspace():
-                pos += 1
-            if data[pos:pos + 1] == b'#':
-                pos = data.index(b'\n', pos)
-                continue
-            end = pos
-            while not data[end:end + 1].isspace():
-                end += 1
-            fields.append(int(data[pos:end]))
-            pos = end
-        w, h, maxval = fields
-        if maxval != 255:
-            raise ValueError(f"{path}: only 8-bit PPM/PGM is supported (maxval {maxval})")
-        channels = 3 if data[:2] == b'P6' else 1
-        img = np.frombuffer(data[pos + 1:pos + 1 + w * h * channels], np.uint8).reshape(h, w, channels)
-        return np.repeat(img, 3, axis=2) if channels == 1 else img.copy()
+    try:
+        img = _read_ppm(data) if data[:2] in (b'P5', b'P6') else _read_png(data)
+    except (ValueError, IndexError, struct.error, zlib.error) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return np.repeat(img[..., :1], 3, axis=2) if img.shape[2] < 3 else np.ascontiguousarray(img[..., :3])
+
+
+def _read_ppm(data):
+    fields, pos = [], 2
+    while len(fields) < 3:
+        while data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b'#':
+            pos = data.index(b'\n', pos)
+            continue
+        end = pos
+        while end < len(data) and not data[end:end + 1].isspace():
+            end += 1
+        fields.append(int(data[pos:end]))
+        pos = end
+    w, h, maxval = fields
+    if maxval != 255:
+        raise ValueError(f"only 8-bit PPM/PGM is supported (maxval {maxval})")
+    channels = 3 if data[:2] == b'P6' else 1
+    if len(data) < pos + 1 + w * h * channels:
+        raise ValueError(f"truncated PPM/PGM: {w}x{h} needs {w * h * channels} bytes of pixels")
+    return np.frombuffer(data, np.uint8, w * h * channels, pos + 1).reshape(h, w, channels)
+
+
+def _read_png(data):
     if data[:8] != b'\x89PNG\r\n\x1a\n':
-        raise ValueError(f"{path}: not a PNG or binary PPM/PGM file")
+        raise ValueError("not a PNG or binary PPM/PGM file")
     pos, idat, header = 8, [], None
     while pos < len(data):
         (length,) = struct.unpack('>I', data[pos:pos + 4])
@@ -304,14 +333,16 @@ def read_image(path):
             idat.append(body)
         elif kind == b'IEND':
             break
+    if header is None or not idat:
+        raise ValueError("corrupt PNG: no IHDR or no IDAT chunk")
     w, h, depth, colour, _, _, interlace = header
     channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
     if depth != 8 or channels is None or interlace:
-        raise ValueError(f"{path}: only 8-bit, non-interlaced grey/RGB/RGBA PNG is supported")
-    img = _unfilter_png(zlib.decompress(b''.join(idat)), h, w, channels)
-    if channels in (1, 2):
-        return np.repeat(img[..., :1], 3, axis=2)
-    return img[..., :3].copy()
+        raise ValueError("only 8-bit, non-interlaced grey/RGB/RGBA PNG is supported")
+    raw = zlib.decompress(b''.join(idat))
+    if len(raw) < h * (w * channels + 1):
+        raise ValueError(f"corrupt PNG: {len(raw)} bytes of pixel data, {w}x{h} needs {h * (w * channels + 1)}")
+    return _unfilter_png(raw, h, w, channels)
 
 
 def setup_distributed(device_name):
@@ -1074,11 +1105,16 @@ def add_hpcm_args(p):
     p.add_argument('--data', default=None, help='folder of png/ppm training images (default: generated images)')
     p.add_argument('--eval_data', default=None, help='folder of held-out images (default: generated, other seed)')
     p.add_argument('--eval', default=None, metavar='CKPT', help='only evaluate this checkpoint on --eval_data/--data')
+    p.add_argument('--compress', nargs=2, default=None, metavar=('IMAGE', 'OUT'),
+                   help='code the png/ppm IMAGE into the stream OUT with the model of --ckpt')
+    p.add_argument('--decompress', nargs=2, default=None, metavar=('IN', 'PNG'),
+                   help='decode the stream IN into the PNG file PNG with the model of --ckpt')
+    p.add_argument('--ckpt', default=None, help='checkpoint for --compress/--decompress (ckpt.pt or model.pt)')
     p.add_argument('--quality', type=int, default=None, choices=range(1, 7),
                    help='pick lambda from CompressAI\'s list (1..6); overrides --lmbda')
     p.add_argument('--lmbda', type=float, default=0.0130, help='rate-distortion trade-off: λ·255²·MSE + bpp')
     p.add_argument('--lr', type=float, default=1e-4)
-    p.add_argument('--batch_size', type=int, default=None, help='default: 8 full, 4 small')
+    p.add_argument('--batch_size', type=int, default=None, help='per rank; default: 8 full, 4 small')
     p.add_argument('--patch_size', type=int, default=None, help='training crop side (default: 256 full, 64 small)')
     p.add_argument('--clip_max_norm', type=float, default=1.0)
     p.add_argument('--num_images', type=int, default=64, help='size of the generated training set')
@@ -1089,6 +1125,12 @@ def add_hpcm_args(p):
     p.add_argument('--grad_checkpoint', action='store_true', help='gradient checkpointing in the RWKV fusion nets')
 
 
+def hpcm_error(message):
+    """A user's mistake (a flag, a file): one line on stderr, exit status 2."""
+    print(f'train.py hpcm: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def hpcm_config(args, hpcm):
     if args.preset == 'full':
         return hpcm.HPCMConfig(phase=args.phase, checkpoint=args.grad_checkpoint)
@@ -1096,28 +1138,90 @@ def hpcm_config(args, hpcm):
 
 
 def hpcm_images(folder, what):
+    """Every png/ppm/pgm of a folder, decoded once -> (uint8 (H, W, 3) arrays, file names)."""
     if not os.path.isdir(folder):
-        raise SystemExit(f"{what} {folder}: not a folder")
+        hpcm_error(f"{what} {folder}: not a folder")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.ppm', '.pgm')))
     if not names:
-        raise SystemExit(f"{what} {folder}: no .png/.ppm/.pgm images in this folder")
-    return [read_image(os.path.join(folder, f)) for f in names], names
+        hpcm_error(f"{what} {folder}: no .png/.ppm/.pgm images in this folder")
+    try:
+        return [read_image(os.path.join(folder, f)) for f in names], names
+    except ValueError as e:
+        hpcm_error(f"{what}: {e}")
+
+
+def hpcm_batch(images, args, step, rank=0, world=1):
+    """This rank's share of step `step`'s global batch of random crops: every rank draws the same world * batch
+    crops (a generator seeded by seed and step, so a resumed run sees the data it would have seen) and keeps its
+    slice."""
+    import hpcm
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    crops = hpcm.random_crops(images, args.patch_size, args.batch_size * world, gen)
+    return crops[rank * args.batch_size:(rank + 1) * args.batch_size]
+
+
+def load_for_inference(path, device='cpu'):
+    """A checkpoint written by `train.py hpcm` (ckpt.pt, or model.pt without the optimizer) -> (params, cfg) on
+    `device`, ready for hpcm.make_coder. Refuses, naming the file, anything else."""
+    import hpcm
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get('hpcm_config'), dict):
+        raise ValueError(f"checkpoint {path}: not a checkpoint of train.py hpcm (no model config in it)")
+    try:
+        cfg = hpcm.HPCMConfig(**{**payload['hpcm_config'], 'widths': tuple(payload['hpcm_config']['widths'])})
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path}: its model config is not valid ({e})") from None
+    params = hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0))
+    load_into(payload.get('params', {}), params, f'{path} params')
+    return tree_to(params, device), cfg
+
+
+def hpcm_code_files(args):
+    """--compress IMAGE OUT / --decompress IN PNG with the model of --ckpt."""
+    import hpcm
+    if args.ckpt is None:
+        hpcm_error('--compress/--decompress need --ckpt (a ckpt.pt or model.pt of train.py hpcm)')
+    device = pick_device(args.device)
+    try:
+        params, cfg = load_for_inference(args.ckpt, device)
+    except (OSError, ValueError) as e:
+        hpcm_error(f'--ckpt: {e}')
+    coder = hpcm.make_coder(params, cfg)
+    source, target = args.compress or args.decompress
+    try:
+        if args.compress:
+            x = hpcm.image_to_tensor(read_image(source))
+            data = hpcm.compress(coder, x)
+            write_file_atomic(target, data)
+            print(f'{source} ({x.shape[3]}x{x.shape[2]}) -> {target}: {len(data):,} bytes, '
+                  f'{8 * len(data) / (x.shape[2] * x.shape[3]):.4f} bpp')
+        else:
+            with open(source, 'rb') as f:
+                x_hat = hpcm.decompress(coder, f.read())
+            write_png(target, hpcm.tensor_to_image(x_hat))
+            print(f'{source} -> {target} ({x_hat.shape[3]}x{x_hat.shape[2]})')
+    except (OSError, ValueError) as e:
+        hpcm_error(f'{"--compress" if args.compress else "--decompress"}: {e}')
 
 
 def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
     """Estimated and real bpp, PSNR, encode/decode seconds per image; checks that decoding reproduces the encoder."""
     rows = []
     sync = synchronizer(device)
+    coder = hpcm.make_coder(params, cfg)
     for img, name in zip(images, names):
-        x = (torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255)[None].to(device)
+        x = hpcm.image_to_tensor(img).to(device)
         with torch.no_grad(), hpcm.deterministic(device):  # the encoder's reconstruction, as compress sees it
             x_hat, _, bpp = hpcm.hpcm_forward(params, x, cfg)
         sync()
         t0 = time.time()
-        data = hpcm.compress(params, x, cfg)
+        data = hpcm.compress(coder, x)
         sync()
         t1 = time.time()
-        decoded = hpcm.decompress(params, data, cfg)
+        decoded = hpcm.decompress(coder, data)
         sync()
         t2 = time.time()
         real_bpp = len(data) * 8 / (x.shape[2] * x.shape[3])
@@ -1126,8 +1230,7 @@ def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
                      'exact': bool(torch.equal(decoded, x_hat.clamp(0, 1))), 'enc_s': t1 - t0, 'dec_s': t2 - t1})
         if png_dir is not None:
             os.makedirs(png_dir, exist_ok=True)
-            out = (decoded[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
-            write_png(os.path.join(png_dir, os.path.splitext(name)[0] + '.png'), out)
+            write_png(os.path.join(png_dir, os.path.splitext(name)[0] + '.png'), hpcm.tensor_to_image(decoded))
     return rows
 
 
@@ -1138,15 +1241,36 @@ def hpcm_print_table(rows):
     return avg
 
 
+def hpcm_train_step(params, opt, x, cfg, args, world=1):
+    """One step in place -> {'loss', 'bpp', 'psnr'} (this rank's): forward with noise, RD loss, backward,
+    gradients averaged over ranks, clipping, Adam."""
+    import hpcm
+    x_hat, likelihoods, _ = hpcm.hpcm_forward(params, x, cfg, training=True)
+    out = hpcm.rate_distortion_loss(x, x_hat, likelihoods, args.lmbda)
+    opt.zero_grad(set_to_none=True)
+    out['loss'].backward()
+    leaves = tree_leaves(params)
+    all_reduce_grads(leaves, world)
+    if args.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(leaves, args.clip_max_norm)
+    opt.step()
+    loss, bpp, mse = torch.stack([out['loss'], out['bpp'], out['mse']]).tolist()
+    return {'loss': loss, 'bpp': bpp, 'psnr': 10 * math.log10(1 / max(mse, 1e-12))}
+
+
 def run_hpcm(args):
     import hpcm
+    if args.compress or args.decompress:
+        return hpcm_code_files(args)
     if args.eval is not None:  # the model's shape comes from the checkpoint it was trained with
         try:
             saved = torch.load(args.eval, map_location='cpu', weights_only=False).get('args', {})
         except Exception as e:
-            raise SystemExit(f"--eval {args.eval}: cannot read the checkpoint ({type(e).__name__}: {e})")
+            hpcm_error(f"--eval {args.eval}: cannot read the checkpoint ({type(e).__name__}: {e})")
         args.phase, args.preset = saved.get('phase', args.phase), saved.get('preset', args.preset)
-    device = pick_device(args.device)
+    # set up: device and ranks, model, data, optimizer, checkpoint
+    rank, world, device = setup_distributed(args.device)
+    ctm_quiet_unless_rank0(rank)
     if args.preset == 'auto':
         args.preset = 'full' if device.type == 'cuda' else 'small'
     if args.quality is not None:
@@ -1154,7 +1278,9 @@ def run_hpcm(args):
     args.patch_size = args.patch_size or (256 if args.preset == 'full' else 64)
     args.batch_size = args.batch_size or (8 if args.preset == 'full' else 4)
     if args.patch_size % 64:
-        raise SystemExit(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
+        hpcm_error(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # training only: compress/decompress pin deterministic kernels
     cfg = hpcm_config(args, hpcm)
     gen = make_generator(args.seed)
     params = tree_to(hpcm.init_hpcm(cfg, gen), device, True)
@@ -1163,11 +1289,12 @@ def run_hpcm(args):
         eval_images, eval_names = hpcm_images(args.eval_data or args.data, '--eval_data')
     else:
         eval_gen = make_generator(args.seed + 1_000_003)
-        eval_images = [(hpcm.synthetic_image(eval_gen, eval_h, eval_w).permute(1, 2, 0) * 255).round().byte().numpy()
+        eval_images = [hpcm.tensor_to_image(hpcm.synthetic_image(eval_gen, eval_h, eval_w))
                        for _ in range(args.eval_images)]
         eval_names = [f'generated_{i}.png' for i in range(args.eval_images)]
     print(f'hpcm phase {cfg.phase} ({args.preset}: M={cfg.M} N={cfg.N}) on {device}, '
-          f'{sum(t.numel() for t in tree_leaves(params)):,} parameters, lambda {args.lmbda}', flush=True)
+          + (f'{world} ranks x batch {args.batch_size}, ' if world > 1 else '')
+          + f'{sum(t.numel() for t in tree_leaves(params)):,} parameters, lambda {args.lmbda}', flush=True)
     if args.eval is not None:
         load_checkpoint(args.eval, params, args=args, must_match=('phase', 'preset'))
         hpcm_print_table(hpcm_evaluate(hpcm, params, cfg, eval_images, eval_names, device,
@@ -1177,7 +1304,7 @@ def run_hpcm(args):
         train_images, _ = hpcm_images(args.data, '--data')
     else:
         side = max(args.patch_size * 2, 256)
-        train_images = [hpcm.synthetic_image(gen, side, side) for _ in range(args.num_images)]
+        train_images = [hpcm.tensor_to_image(hpcm.synthetic_image(gen, side, side)) for _ in range(args.num_images)]
     opt = torch.optim.Adam(tree_leaves(params), lr=args.lr)
     path = checkpoint_path(args)
     start = 0
@@ -1186,17 +1313,10 @@ def run_hpcm(args):
         print(f'resumed from {path} at step {start}', flush=True)
     log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
 
+    # the loop, evaluation and saving
     def step_fn(step):
-        x = hpcm.random_crops(train_images, args.patch_size, args.batch_size, gen).to(device)
-        x_hat, likelihoods, _ = hpcm.hpcm_forward(params, x, cfg, training=True)
-        out = hpcm.rate_distortion_loss(x, x_hat, likelihoods, args.lmbda)
-        opt.zero_grad(set_to_none=True)
-        out['loss'].backward()
-        if args.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(tree_leaves(params), args.clip_max_norm)
-        opt.step()
-        return {'loss': out['loss'].item(), 'bpp': out['bpp'].item(),
-                'psnr': 10 * math.log10(1 / max(out['mse'].item(), 1e-12))}
+        x = hpcm_batch(train_images, args, step, rank, world).to(device, non_blocking=True)
+        return hpcm_train_step(params, opt, x, cfg, args, world)
 
     def eval_fn(step):
         avg = hpcm_print_table(hpcm_evaluate(hpcm, params, cfg, eval_images, eval_names, device,
@@ -1204,10 +1324,20 @@ def run_hpcm(args):
         return {k: v for k, v in avg.items() if isinstance(v, (float, bool))}
 
     def save_fn(step):
-        save_checkpoint(path, {'params': params, 'buffers': {}, 'opt': opt.state_dict(), 'step': step,
-                               'args': vars(args)})
-    run_loop(args.training_iterations, start, step_fn, save_fn, args.log_every, args.save_every, args.eval_every,
-             eval_fn, log)
+        """ckpt.pt to resume; model.pt, without the optimizer's state, for compress/decompress (load_for_inference)."""
+        model = {'params': params, 'hpcm_config': dataclasses.asdict(cfg), 'step': step, 'args': vars(args)}
+        save_checkpoint(path, {**model, 'buffers': {}, 'opt': opt.state_dict()})
+        save_checkpoint(os.path.join(args.log_dir, 'model.pt'), model)
+
+    lead = rank == 0  # the other ranks only train
+    try:
+        run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
+                 args.save_every, args.eval_every if lead else 0, eval_fn, log if lead else None)
+        if world > 1:  # rank 0 may still be saving: every rank leaves together
+            torch.distributed.barrier(**({'device_ids': [device.index]} if device.type == 'cuda' else {}))
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     print(f'saved {path}', flush=True)
 
 
