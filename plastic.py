@@ -946,15 +946,37 @@ def parity_batch(gen, n, length):
     return x, (x == -1).long().cumsum(1) % 2
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only what a CIFAR-10 batch holds (numpy arrays, their dtypes, Python 3's
+    bytes-as-latin-1 helper): any other global, e.g. one a crafted file names to run code, is refused."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refused global {module}.{name} (not part of a CIFAR-10 batch)')
+        return super().find_class(module, name)
+
+
 def load_cifar10(root):
-    """CIFAR-10's python pickles (data_batch_1..5, test_batch) -> ((uint8 (N, 32, 32, 3), labels), same for test)."""
+    """CIFAR-10's python pickles (data_batch_1..5, test_batch) -> ((uint8 (N, 32, 32, 3), labels), same for test).
+
+    Read with CifarUnpickler: a file that asks to run code is refused, not run."""
     def read(names):
         xs, ys = [], []
         for name in names:
-            with open(os.path.join(root, name), 'rb') as f:
-                batch = pickle.load(f, encoding='bytes')
-            xs.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(batch[b'labels'], dtype=np.int64))
+            path = os.path.join(root, name)
+            try:
+                with open(path, 'rb') as f:
+                    batch = CifarUnpickler(f, encoding='bytes').load()
+                data = np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                labels = np.asarray(batch[b'labels'], dtype=np.int64)
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f'{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})') from None
+            if len(labels) != len(data):
+                raise ValueError(f'{path}: {len(data)} images but {len(labels)} labels')
+            xs.append(data)
+            ys.append(labels)
         return np.concatenate(xs), np.concatenate(ys)
     return read([f'data_batch_{i}' for i in range(1, 6)]), read(['test_batch'])
 

@@ -2463,3 +2463,58 @@ def test_speed_bench_ctm_rows_and_first_loss():
     x, y = (torch.as_tensor(t) for t in train.ctm_maze_batch(0, 0, 2, 7, 4))
     predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg, train=True)
     assert math.isclose(rows[0]['loss_first'], speed_loss(predictions, certainties, y)[0].item(), rel_tol=1e-5)
+
+
+# ================================================================================================================
+# reliability: hostile files, damaged checkpoints, bad flags, divergence (train.py, plastic.load_cifar10)
+
+import plastic  # noqa: E402
+
+
+class RunsCode:
+    """A pickle payload that creates a folder when unpickled: what a crafted file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_reliab_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker, path = tmp_path / 'ran', str(tmp_path / 'ckpt.pt')
+    torch.save({'params': {}, 'step': 1, 'args': RunsCode(marker)}, path)
+    with pytest.raises(train.BadFile, match=r'ckpt.pt: refused.*mkdir'):
+        train.load_checkpoint(path, {})
+    with pytest.raises(SystemExit) as e:
+        train.main(['hpcm', '--device', 'cpu', '--eval', path, '--log_dir', str(tmp_path / 'eval')])
+    assert e.value.code == 2 and 'ckpt.pt: refused' in capsys.readouterr().err
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the file does what it says to an unrestricted loader
+    assert marker.exists()
+
+
+def test_reliab_crafted_cifar_batch_is_refused_and_runs_nothing(tmp_path):
+    import pickle
+    marker = tmp_path / 'ran'
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        with open(tmp_path / name, 'wb') as f:
+            pickle.dump({b'data': RunsCode(marker), b'labels': [3]}, f)
+    with pytest.raises(ValueError, match=r'data_batch_1: not a CIFAR-10 python batch.*refused global posix.mkdir'):
+        plastic.load_cifar10(str(tmp_path))
+    assert not marker.exists()
+    with open(tmp_path / 'data_batch_1', 'rb') as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_reliab_checkpoints_hold_only_plain_values(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_checkpoint(path, {'params': {'w': torch.ones(2)}, 'step': np.int64(3),
+                                 'args': {'size': np.float32(0.5), 'shape': (2, 3), 'table': np.arange(3)}})
+    saved = torch.load(path, weights_only=True)
+    assert type(saved['step']) is int and saved['step'] == 3 and saved['args']['size'] == 0.5
+    assert saved['args']['shape'] == (2, 3) and torch.equal(saved['args']['table'], torch.arange(3))
+    with pytest.raises(TypeError, match=r'payload.args.ns is a Namespace'):
+        train.save_checkpoint(path, {'params': {}, 'step': 4, 'args': {'ns': argparse.Namespace()}})
+    assert torch.load(path, weights_only=True)['step'] == 3

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import struct
 import sys
 import time
@@ -90,8 +91,31 @@ def print_rows(rows, columns=None):
         print('  '.join(v.rjust(w) for v, w in zip(row, widths)), flush=True)
 
 
+class BadFile(ValueError):
+    """A file the user named (checkpoint, image, data) that cannot be used; the message names the file.
+    main() prints it as one line, no traceback, and exits with status 2."""
+
+
+def checkpoint_plain(value, key='payload'):
+    """The payload with numpy values made tensors/Python numbers; anything else but tensors, numbers, strings,
+    lists, tuples and dicts is refused (TypeError naming its key), so torch.load(weights_only=True) reads it back."""
+    if isinstance(value, dict):
+        return {k: checkpoint_plain(v, f'{key}.{k}') for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(checkpoint_plain(v, f'{key}.{i}') for i, v in enumerate(value))
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint: {key} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, "
+                    "strings, lists and dicts")
+
+
 def save_checkpoint(path, payload):
     """Write to a temporary file in the same folder, then rename: a crash mid-write leaves the old file intact."""
+    payload = checkpoint_plain(payload)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
@@ -103,6 +127,25 @@ def save_checkpoint(path, payload):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_checkpoint(path):
+    """A checkpoint file's payload, read with torch.load(weights_only=True): only tensors, numbers, strings, lists
+    and dicts are built, so a crafted file cannot run code. BadFile names the file if it cannot be used."""
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message is a paragraph: keep its line that says what failed
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        what = lines[-2] if len(lines) > 2 else lines[0]
+        if 'GLOBAL' in what:
+            raise BadFile(f"checkpoint {path}: refused, it holds more than tensors, numbers, strings, lists and "
+                          f"dicts ({what})") from None
+        raise BadFile(f"checkpoint {path}: cannot be read ({what})") from None
+    except Exception as e:
+        raise BadFile(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or 'params' not in payload or 'step' not in payload:
+        raise BadFile(f"checkpoint {path}: not a checkpoint of this project (no 'params'/'step')")
+    return payload
 
 
 def load_into(saved, tree, what):
@@ -126,12 +169,7 @@ def load_checkpoint(path, params, buffers=None, opt=None, args=None, must_match=
     """Restore params/buffers in place (and the optimizer); returns the payload (step, args, extra entries).
 
     `must_match` names the args whose saved value must equal the current one (e.g. model widths)."""
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or 'params' not in payload or 'step' not in payload:
-        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (no 'params'/'step')")
+    payload = read_checkpoint(path)
     saved_args = payload.get('args', {})
     for name in must_match:
         if args is not None and name in saved_args and saved_args[name] != getattr(args, name, None):
@@ -1164,11 +1202,8 @@ def load_for_inference(path, device='cpu'):
     """A checkpoint written by `train.py hpcm` (ckpt.pt, or model.pt without the optimizer) -> (params, cfg) on
     `device`, ready for hpcm.make_coder. Refuses, naming the file, anything else."""
     import hpcm
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get('hpcm_config'), dict):
+    payload = read_checkpoint(path)
+    if not isinstance(payload.get('hpcm_config'), dict):
         raise ValueError(f"checkpoint {path}: not a checkpoint of train.py hpcm (no model config in it)")
     try:
         cfg = hpcm.HPCMConfig(**{**payload['hpcm_config'], 'widths': tuple(payload['hpcm_config']['widths'])})
@@ -1263,10 +1298,7 @@ def run_hpcm(args):
     if args.compress or args.decompress:
         return hpcm_code_files(args)
     if args.eval is not None:  # the model's shape comes from the checkpoint it was trained with
-        try:
-            saved = torch.load(args.eval, map_location='cpu', weights_only=False).get('args', {})
-        except Exception as e:
-            hpcm_error(f"--eval {args.eval}: cannot read the checkpoint ({type(e).__name__}: {e})")
+        saved = read_checkpoint(args.eval).get('args', {})
         args.phase, args.preset = saved.get('phase', args.phase), saved.get('preset', args.preset)
     # set up: device and ranks, model, data, optimizer, checkpoint
     rank, world, device = setup_distributed(args.device)
@@ -1361,12 +1393,31 @@ def build_parser():
     return parser
 
 
+class UsageExit(SystemExit):
+    """Exit status 2, like argparse's own errors; str() is the one-line message (main has printed it)."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.task][1](args)
     except KeyboardInterrupt:  # the task has saved its checkpoint and said so; no traceback for a Ctrl-C
         sys.exit(130)
+    except BadFile as e:
+        message = f'train.py {args.task}: {e}'
+    except SystemExit as e:  # raise SystemExit('message'): a bad flag or file
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    print(message, file=sys.stderr)
+    raise UsageExit(message) from None
 
 
 if __name__ == '__main__':
