@@ -2518,3 +2518,91 @@ def test_reliab_checkpoints_hold_only_plain_values(tmp_path):
     with pytest.raises(TypeError, match=r'payload.args.ns is a Namespace'):
         train.save_checkpoint(path, {'params': {}, 'step': 4, 'args': {'ns': argparse.Namespace()}})
     assert torch.load(path, weights_only=True)['step'] == 3
+
+
+COMMON_FLAGS = [('--seed', '-1', '0'), ('--device', 'gpu', 'cpu'), ('--training_iterations', '0', '1'),
+                ('--training_iterations', '-5', '1'), ('--log_every', '0', '1'), ('--save_every', '0', '1')]
+LASH_MODEL_FLAGS = [('--data', 'MISSING', 'FILE'), ('--seq_len', '0', '1'), ('--batch_size', '0', '1'),
+                    ('--dim', '0', '1'), ('--num_heads', '0', '1'), ('--ffn_dim', '-1', '0'), ('--lr', '-1', '1e-3'),
+                    ('--lr', 'nan', '2'), ('--weight_decay', '-1', '0'), ('--max_epochs', '0', '1')]
+BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it must take)
+    'ctm': COMMON_FLAGS + [
+        ('--task', 'cifar', 'images'), ('--preset', 'huge', 'mazes-small'), ('--d_model', '0', '1'),
+        ('--d_input', '0', '1'), ('--heads', '0', '1'), ('--iterations', '0', '1'), ('--synapse_depth', '0', '1'),
+        ('--memory_length', '0', '1'), ('--memory_hidden_dims', '0', '1'), ('--n_synch_out', '0', '1'),
+        ('--n_synch_action', '0', '1'), ('--n_random_pairing_self', '-1', '0'), ('--dropout', '1.5', '1'),
+        ('--dropout_nlm', '-0.1', '0'), ('--neuron_select_type', 'all', 'random'),
+        ('--positional_embedding_type', 'x', 'none'), ('--hyper_layers', 'some', 'all'), ('--hyper_rank', '0', '1'),
+        ('--hyper_nlm_rank', '0', '1'), ('--lr', 'nan', '1'), ('--lr', '-1', '1'), ('--batch_size', '0', '1'),
+        ('--batch_size', '-1', '1'), ('--batch_size_test', '0', '1'), ('--warmup_steps', '-1', '0'),
+        ('--weight_decay', '-1', '0'), ('--gradient_clipping', 'inf', '-1'), ('--num_workers_train', '-1', '0'),
+        ('--track_every', '-1', '0'), ('--n_test', '0', '1'), ('--dataset', 'mazes-tiny', 'mazes-large'),
+        ('--maze_size', '8', '9'), ('--maze_size', '3', '5'), ('--maze_route_length', '0', '1'),
+        ('--cirriculum_lookahead', '0', '1'), ('--n_pngs', '-1', '0'), ('--parity_sequence_length', '0', '1'),
+        ('--data_root', 'MISSING', 'DIR'), ('--image_size', '0', '1')],
+    'lash': COMMON_FLAGS + LASH_MODEL_FLAGS + [
+        ('--num_layers', '0', '1'), ('--routing_threshold', '1.5', '1'), ('--exit_layer', '0', '1'),
+        ('--patience', '0', '1')],
+    'ashem': COMMON_FLAGS + LASH_MODEL_FLAGS + [
+        ('--phase1_layers', '0', '1'), ('--phase2_layers', '0', '1'), ('--hard_example_ratio', '0', '1'),
+        ('--hard_example_ratio', '1.01', '0.01'), ('--phase1_patience', '0', '1'), ('--phase2_patience', '0', '1'),
+        ('--phase2_lr_scale', '0', '0.1')],
+    'hpcm': COMMON_FLAGS + [
+        ('--phase', '4', '0'), ('--preset', 'tiny', 'small'), ('--data', 'MISSING', 'DIR'),
+        ('--eval_data', 'MISSING', 'DIR'), ('--eval', 'MISSING', 'FILE'), ('--quality', '7', '6'),
+        ('--lmbda', '-1', '0.01'), ('--lr', 'nan', '1e-4'), ('--batch_size', '0', '1'), ('--patch_size', '0', '64'),
+        ('--clip_max_norm', 'nan', '0'), ('--num_images', '0', '1'), ('--eval_images', '0', '1'),
+        ('--eval_size', '0 64', '64 64'), ('--eval_every', '-1', '0')],
+}
+
+
+def test_reliab_every_bounded_flag_refuses_out_of_bound_values_in_one_line(tmp_path, capsys):
+    (tmp_path / 'file.txt').write_text('x')
+    where = {'MISSING': str(tmp_path / 'missing'), 'DIR': str(tmp_path), 'FILE': str(tmp_path / 'file.txt')}
+    parser = train.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for sub, rows in BOUNDED_FLAGS.items():
+        dest = {a.option_strings[0]: a.dest for a in subparsers[sub]._actions if a.type is not None or a.choices}
+        assert set(dest) == {flag for flag, _, _ in rows}, f'{sub}: flags with a bound and no row in the table'
+        for flag, bad, good in rows:
+            with pytest.raises(SystemExit) as e:
+                parser.parse_args([sub, flag, *where.get(bad, bad).split()])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.count('\n') == 1 and f'argument {flag}' in err, (sub, flag, bad, err)
+            value = getattr(parser.parse_args([sub, flag, *where.get(good, good).split()]), dest[flag])
+            assert value == parsed_as(where.get(good, good)), (sub, flag, good, value)
+
+
+def parsed_as(text):
+    """'3' -> 3, '1e-3' -> 0.001, '64 64' -> [64, 64], 'cpu' -> 'cpu'."""
+    for convert in (int, float, lambda t: [int(v) for v in t.split()]):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def test_reliab_help_shows_each_default_once_and_ashem_steps_per_phase(capsys):
+    for sub in BOUNDED_FLAGS:
+        with pytest.raises(SystemExit):
+            train.main([sub, '--help'])
+        out = ' '.join(capsys.readouterr().out.split())
+        assert '(default: None)' not in out and '(default: False)' not in out
+        assert '--seed SEED (default: 0)' in out and '--log_every LOG_EVERY (default: 10)' in out
+        assert ('training steps per phase' in out) == (sub == 'ashem')
+
+
+def test_reliab_bad_data_names_the_file_and_writes_no_checkpoint(tmp_path, capsys):
+    for c in ('a', 'b'):
+        os.makedirs(tmp_path / 'few' / c)
+        for k in range(3):
+            train.write_png(str(tmp_path / 'few' / c / f'{k}.png'), np.zeros((4, 4, 3), np.uint8))
+    run = ['ctm', '--task', 'images', '--device', 'cpu', '--log_dir', str(tmp_path / 'run'), '--data_root']
+    for root, message in ((tmp_path / 'few', r"no held-out image for class\(es\) \['a', 'b'\]"),
+                          (tmp_path / 'few', r'few/a/0.png: not a PNG')):
+        with pytest.raises(SystemExit, match=message) as e:
+            train.main([*run, str(root)])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith('train.py ctm: error: --data_root')
+        (tmp_path / 'few' / 'a' / '0.png').write_bytes(b'\x89PNG but not really')
+    assert not (tmp_path / 'run').exists()

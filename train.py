@@ -10,6 +10,7 @@ progress line, atomic checkpoints, metrics log, a stdlib PNG writer/reader) live
 flags and loop follow in its own section.
 """
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -412,14 +413,55 @@ def all_reduce_grads(leaves, world):
         offset += g.numel()
 
 
-def add_common_args(p, log_dir, steps):
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto', help='cpu, cuda or auto')
+def flag_type(kind, low=None, high=None, above=None, odd=False):
+    """argparse type=: a finite `kind` (int or float) with low <= value <= high and value > above (None: no bound),
+    odd if asked; anything else is refused by argparse as `argument --flag: expected ..., got '...'` (status 2)."""
+    bounds = [f'> {above}' if above is not None else '', f'>= {low}' if low is not None else '',
+              f'<= {high}' if high is not None else '']
+    expected = (f'{"an odd int" if odd else "an int" if kind is int else "a finite number"} '
+                f'{" and ".join(b for b in bounds if b)}').strip()
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+                and (above is None or value > above) and (not odd or value % 2 == 1)):
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}')
+        return value
+    parse.__name__ = expected
+    return parse
+
+
+positive_int, nonneg_int = flag_type(int, above=0), flag_type(int, low=0)
+positive_float, nonneg_float, finite_float = flag_type(float, above=0), flag_type(float, low=0), flag_type(float)
+probability = flag_type(float, low=0, high=1)
+odd_int = flag_type(int, low=5, odd=True)
+
+
+def existing_dir(text):
+    """argparse type=: a folder that exists."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f'{text}: no such folder')
+    return text
+
+
+def existing_file(text):
+    """argparse type=: a file that exists."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f'{text}: no such file')
+    return text
+
+
+def add_common_args(p, log_dir, steps, steps_help='training steps'):
+    p.add_argument('--seed', type=nonneg_int, default=0)
+    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     p.add_argument('--log_dir', default=log_dir, help='checkpoints, metrics.jsonl and pictures go here')
     p.add_argument('--resume', action='store_true', help='continue from the checkpoint(s) in LOG_DIR if there are any')
-    p.add_argument('--training_iterations', type=int, default=steps)
-    p.add_argument('--log_every', type=int, default=10)
-    p.add_argument('--save_every', type=int, default=500)
+    p.add_argument('--training_iterations', type=positive_int, default=steps, help=steps_help)
+    p.add_argument('--log_every', type=positive_int, default=10)
+    p.add_argument('--save_every', type=positive_int, default=500)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,10 +503,11 @@ def add_ctm_args(p):
     p.add_argument('--preset', choices=tuple(CTM_PRESETS), help='a full configuration (the seeds\' mazes-small: '
                    'd_model 1024, resnet18-1, 50 ticks, 39x39 mazes, route 50); explicit flags still win')
     g = p.add_argument_group('model (default: the small CPU model, or --preset)')
-    for name, kind in (('d_model', int), ('d_input', int), ('heads', int), ('iterations', int),
-                       ('synapse_depth', int), ('memory_length', int), ('memory_hidden_dims', int),
-                       ('n_synch_out', int), ('n_synch_action', int), ('n_random_pairing_self', int),
-                       ('dropout', float), ('dropout_nlm', float)):
+    for name, kind in (('d_model', positive_int), ('d_input', positive_int), ('heads', positive_int),
+                       ('iterations', positive_int), ('synapse_depth', positive_int), ('memory_length', positive_int),
+                       ('memory_hidden_dims', positive_int), ('n_synch_out', positive_int),
+                       ('n_synch_action', positive_int), ('n_random_pairing_self', nonneg_int),
+                       ('dropout', probability), ('dropout_nlm', probability)):
         g.add_argument(f'--{name}', type=kind, help=f'default {CTM_DEFAULTS[name]}', **none)
     g.add_argument('--deep_memory', action=argparse.BooleanOptionalAction, help='deep NLMs (default on)', **none)
     g.add_argument('--do_normalisation', action=argparse.BooleanOptionalAction, help='LayerNorm in the NLMs', **none)
@@ -476,36 +519,38 @@ def add_ctm_args(p):
     g.add_argument('--use_hyper', action='store_true', help='plastic synapses (HyperSynapseUNET)')
     g.add_argument('--hyper_layers', choices=('none', 'bottleneck', 'down', 'up', 'all'),
                    help='synapse Linears made plastic; needs --use_hyper (default with it: bottleneck)', **none)
-    g.add_argument('--hyper_rank', type=int, default=8, help='rank of the synapse hypernetworks\' U V^T')
+    g.add_argument('--hyper_rank', type=positive_int, default=8, help='rank of the synapse hypernetworks\' U V^T')
     g.add_argument('--use_hyper_nlm', action='store_true', help='plastic neuron-level models (HyperSuperLinear)')
-    g.add_argument('--hyper_nlm_rank', type=int, default=4, help='rank of the NLM hypernetwork\'s U V^T')
+    g.add_argument('--hyper_nlm_rank', type=positive_int, default=4, help='rank of the NLM hypernetwork\'s U V^T')
     g.add_argument('--count_params', action='store_true',
                    help='print the parameters each hyper configuration adds to this model, then exit')
     g = p.add_argument_group('training')
-    for name, kind in (('lr', float), ('batch_size', int), ('batch_size_test', int), ('warmup_steps', int)):
+    for name, kind in (('lr', positive_float), ('batch_size', positive_int), ('batch_size_test', positive_int),
+                       ('warmup_steps', nonneg_int)):
         g.add_argument(f'--{name}', type=kind, help=f'default {CTM_DEFAULTS[name]}', **none)
     g.add_argument('--use_scheduler', action=argparse.BooleanOptionalAction, default=True,
                    help='linear warmup then cosine decay to 1e-7 (the original\'s WarmupCosineAnnealingLR)')
-    g.add_argument('--weight_decay', type=float, default=0.0)
-    g.add_argument('--gradient_clipping', type=float, default=-1, help='max gradient norm (-1: off)')
+    g.add_argument('--weight_decay', type=nonneg_float, default=0.0)
+    g.add_argument('--gradient_clipping', type=finite_float, default=-1, help='max gradient norm (-1: off)')
     g.add_argument('--use_amp', action='store_true', help='bfloat16 autocast on CUDA')
     g.add_argument('--cuda_graph', action='store_true', help='capture the whole training step in a CUDA graph '
                    'after 3 eager steps and replay it (same results, several times faster on a GPU; README)')
-    g.add_argument('--num_workers_train', type=int, default=0, help='processes generating maze batches ahead')
-    g.add_argument('--track_every', type=int, default=250, help='held-out evaluation every this many steps')
-    g.add_argument('--n_test', type=int, default=512, help='held-out examples (generated once, own seed)')
+    g.add_argument('--num_workers_train', type=nonneg_int, default=0, help='processes generating maze batches ahead')
+    g.add_argument('--track_every', type=nonneg_int, default=250,
+                   help='held-out evaluation every this many steps (0: never)')
+    g.add_argument('--n_test', type=positive_int, default=512, help='held-out examples (generated once, own seed)')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=('mazes-small', 'mazes-medium', 'mazes-large'),
                    help='the original\'s maze datasets\' image size (39, 39, 99 pixels)', **none)
-    g.add_argument('--maze_size', type=int, help='maze image side in pixels, odd (default 11; 39 = mazes-small)',
+    g.add_argument('--maze_size', type=odd_int, help='maze image side in pixels, odd (default 11; 39 = mazes-small)',
                    **none)
-    g.add_argument('--maze_route_length', type=int, help='route steps predicted (default 8)', **none)
-    g.add_argument('--cirriculum_lookahead', type=int, default=5, help='(sic, the original\'s name)')
-    g.add_argument('--n_pngs', type=int, default=4, help='maze pictures written at each evaluation')
-    g.add_argument('--parity_sequence_length', type=int, default=16)
-    g.add_argument('--data_root', help='images: an ImageFolder directory or CIFAR-10 python pickles '
+    g.add_argument('--maze_route_length', type=positive_int, help='route steps predicted (default 8)', **none)
+    g.add_argument('--cirriculum_lookahead', type=positive_int, default=5, help='(sic, the original\'s name)')
+    g.add_argument('--n_pngs', type=nonneg_int, default=4, help='maze pictures written at each evaluation')
+    g.add_argument('--parity_sequence_length', type=positive_int, default=16)
+    g.add_argument('--data_root', type=existing_dir, help='images: an ImageFolder directory or CIFAR-10 python pickles '
                    '(default: a generated set)')
-    g.add_argument('--image_size', type=int, default=16, help='images are resized to this (generated/folder)')
+    g.add_argument('--image_size', type=positive_int, default=16, help='images are resized to this (generated/folder)')
 
 
 def resolve_ctm_args(args):
@@ -561,9 +606,18 @@ def ctm_task(args, rank=0):
         batch = lambda step: plastic.parity_batch(gen.manual_seed(seed(step)), args.batch_size, n)
         return fields, batch, test, loss
     if args.data_root and os.path.exists(os.path.join(args.data_root, 'data_batch_1')):
-        (x, y), (tx, ty) = plastic.load_cifar10(args.data_root)
+        try:
+            (x, y), (tx, ty) = plastic.load_cifar10(args.data_root)
+        except ValueError as e:
+            raise SystemExit(f'--data_root: {e}') from None
     elif args.data_root:
-        (x, y), (tx, ty), _ = plastic.load_image_folder(args.data_root, read_image, args.image_size)
+        try:
+            (x, y), (tx, ty), classes = plastic.load_image_folder(args.data_root, read_image, args.image_size)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'--data_root: {e}') from None
+        if unheld := [c for k, c in enumerate(classes) if not (ty == k).any()]:
+            raise SystemExit(f'--data_root {args.data_root}: no held-out image for class(es) {unheld}: without '
+                             'train/ and test/ folders every 10th image of a class is held out (>= 10 per class)')
     else:
         x, y = plastic.generated_images(np.random.default_rng([args.seed, 0]), 20000, args.image_size)
         tx, ty = plastic.generated_images(np.random.default_rng([args.seed, 1]), args.n_test, args.image_size)
@@ -866,32 +920,33 @@ LASH_MODEL_ARGS = ('data', 'seq_len', 'dim', 'num_heads', 'ffn_dim')
 
 def add_lash_model_args(p, epochs):
     """Model, data and optimiser flags shared by `lash` and `ashem`."""
-    p.add_argument('--data', default=None, help='UTF-8 text file (byte-level tokens); default: the built-in corpus, '
+    p.add_argument('--data', type=existing_file, default=None,
+                   help='UTF-8 text file (byte-level tokens); default: the built-in corpus, '
                    "Python's own documentation topics (pydoc_data), which every CPython has")
-    p.add_argument('--seq_len', type=int, default=128)
-    p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--dim', type=int, default=64)
-    p.add_argument('--num_heads', type=int, default=4)
-    p.add_argument('--ffn_dim', type=int, default=0, help='GLU hidden width; 0: 4 * dim')
-    p.add_argument('--lr', type=float, default=1e-3, help='base learning rate (AdamW)')
-    p.add_argument('--weight_decay', type=float, default=0.0)
-    p.add_argument('--max_epochs', type=int, default=epochs,
+    p.add_argument('--seq_len', type=positive_int, default=128)
+    p.add_argument('--batch_size', type=positive_int, default=32)
+    p.add_argument('--dim', type=positive_int, default=64)
+    p.add_argument('--num_heads', type=positive_int, default=4)
+    p.add_argument('--ffn_dim', type=nonneg_int, default=0, help='GLU hidden width; 0: 4 * dim')
+    p.add_argument('--lr', type=positive_float, default=1e-3, help='base learning rate (AdamW)')
+    p.add_argument('--weight_decay', type=nonneg_float, default=0.0)
+    p.add_argument('--max_epochs', type=positive_int, default=epochs,
                    help='an epoch is one pass over the training split; --training_iterations caps the steps')
 
 
 def add_lash_args(p):
     add_common_args(p, 'runs/lash', 600)
     add_lash_model_args(p, 10)
-    p.add_argument('--num_layers', type=int, default=4)
+    p.add_argument('--num_layers', type=positive_int, default=4)
     p.add_argument('--layer_weights', default=None,
                    help="loss weight per layer, e.g. 1:0,2:0,3:1 (every layer 1..num_layers); default: the last "
                         "layer only; 'deep' = uniform deep supervision")
     p.add_argument('--layer_lr_scales', default=None, help='lr scale per layer, e.g. 1:1,2:0.5 (missing: 1.0)')
-    p.add_argument('--routing_threshold', type=float, default=None,
+    p.add_argument('--routing_threshold', type=probability, default=None,
                    help='evaluate with early exit: a token leaves at --exit_layer when its max softmax prob >= this')
-    p.add_argument('--exit_layer', type=int, default=None,
+    p.add_argument('--exit_layer', type=positive_int, default=None,
                    help='default: the lowest layer with a non-zero loss weight')
-    p.add_argument('--patience', type=int, default=1, help='early stopping: epochs without val improvement')
+    p.add_argument('--patience', type=positive_int, default=1, help='early stopping: epochs without val improvement')
 
 
 def parse_layer_dict(text, flag):
@@ -1036,15 +1091,16 @@ def run_lash(args):
 # ashem: two-phase hard-example training (lash.py)
 
 def add_ashem_args(p):
-    add_common_args(p, 'runs/ashem', 300)
+    add_common_args(p, 'runs/ashem', 300, 'training steps per phase (phase 1 and phase 2 each; the baselines '
+                    'get their sum)')
     add_lash_model_args(p, 10)
-    p.add_argument('--phase1_layers', type=int, default=2)
-    p.add_argument('--phase2_layers', type=int, default=4)
-    p.add_argument('--hard_example_ratio', type=float, default=0.5,
+    p.add_argument('--phase1_layers', type=positive_int, default=2)
+    p.add_argument('--phase2_layers', type=positive_int, default=4)
+    p.add_argument('--hard_example_ratio', type=flag_type(float, above=0, high=1), default=0.5,
                    help='fraction of training tokens, the least confident after phase 1, that phase 2 trains on')
-    p.add_argument('--phase1_patience', type=int, default=1)
-    p.add_argument('--phase2_patience', type=int, default=3)
-    p.add_argument('--phase2_lr_scale', type=float, default=1.0,
+    p.add_argument('--phase1_patience', type=positive_int, default=1)
+    p.add_argument('--phase2_patience', type=positive_int, default=3)
+    p.add_argument('--phase2_lr_scale', type=positive_float, default=1.0,
                    help='phase-2 lr = --lr times this (the seed used 0.1 with a much longer phase 2; see README)')
 
 
@@ -1140,26 +1196,32 @@ def add_hpcm_args(p):
                    help='0: HPCM baseline cells; 1: RWKV cell at s3; 2: at all scales; 3: plus RWKV context_net')
     p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'),
                    help='full: M=320, N=256 (the paper); small: M=N=32 for CPU runs; auto: full on CUDA, else small')
-    p.add_argument('--data', default=None, help='folder of png/ppm training images (default: generated images)')
-    p.add_argument('--eval_data', default=None, help='folder of held-out images (default: generated, other seed)')
-    p.add_argument('--eval', default=None, metavar='CKPT', help='only evaluate this checkpoint on --eval_data/--data')
+    p.add_argument('--data', type=existing_dir, default=None,
+                   help='folder of png/ppm training images (default: generated images)')
+    p.add_argument('--eval_data', type=existing_dir, default=None,
+                   help='folder of held-out images (default: generated, other seed)')
+    p.add_argument('--eval', type=existing_file, default=None, metavar='CKPT',
+                   help='only evaluate this checkpoint on --eval_data/--data')
     p.add_argument('--compress', nargs=2, default=None, metavar=('IMAGE', 'OUT'),
                    help='code the png/ppm IMAGE into the stream OUT with the model of --ckpt')
     p.add_argument('--decompress', nargs=2, default=None, metavar=('IN', 'PNG'),
                    help='decode the stream IN into the PNG file PNG with the model of --ckpt')
-    p.add_argument('--ckpt', default=None, help='checkpoint for --compress/--decompress (ckpt.pt or model.pt)')
+    p.add_argument('--ckpt', type=existing_file, default=None,
+                   help='checkpoint for --compress/--decompress (ckpt.pt or model.pt)')
     p.add_argument('--quality', type=int, default=None, choices=range(1, 7),
                    help='pick lambda from CompressAI\'s list (1..6); overrides --lmbda')
-    p.add_argument('--lmbda', type=float, default=0.0130, help='rate-distortion trade-off: λ·255²·MSE + bpp')
-    p.add_argument('--lr', type=float, default=1e-4)
-    p.add_argument('--batch_size', type=int, default=None, help='per rank; default: 8 full, 4 small')
-    p.add_argument('--patch_size', type=int, default=None, help='training crop side (default: 256 full, 64 small)')
-    p.add_argument('--clip_max_norm', type=float, default=1.0)
-    p.add_argument('--num_images', type=int, default=64, help='size of the generated training set')
-    p.add_argument('--eval_images', type=int, default=4, help='how many generated held-out images')
-    p.add_argument('--eval_size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+    p.add_argument('--lmbda', type=positive_float, default=0.0130,
+                   help='rate-distortion trade-off: λ·255²·MSE + bpp')
+    p.add_argument('--lr', type=positive_float, default=1e-4)
+    p.add_argument('--batch_size', type=positive_int, default=None, help='per rank; default: 8 full, 4 small')
+    p.add_argument('--patch_size', type=positive_int, default=None,
+                   help='training crop side (default: 256 full, 64 small)')
+    p.add_argument('--clip_max_norm', type=finite_float, default=1.0, help='max gradient norm (<= 0: off)')
+    p.add_argument('--num_images', type=positive_int, default=64, help='size of the generated training set')
+    p.add_argument('--eval_images', type=positive_int, default=4, help='how many generated held-out images')
+    p.add_argument('--eval_size', type=positive_int, nargs=2, default=None, metavar=('H', 'W'),
                    help='size of generated held-out images (default: 256 256 full, 128 128 small)')
-    p.add_argument('--eval_every', type=int, default=100)
+    p.add_argument('--eval_every', type=nonneg_int, default=100, help='0: never')
     p.add_argument('--grad_checkpoint', action='store_true', help='gradient checkpointing in the RWKV fusion nets')
 
 
@@ -1383,13 +1445,33 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An invalid invocation gets one line (the flag and what was expected) and exit status 2, not the usage."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default shown once: appended to its help unless the help already says it or there is none
+    (None, or False for an on/off flag); a flag without help gets a line for its default."""
+
+    def _format_action(self, action):
+        text = action.help or ''
+        if (action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                and 'default' not in text):
+            action = copy.copy(action)
+            action.help = f'{text} (default: %(default)s)'.lstrip()
+        return super()._format_action(action)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='task', metavar='{' + ','.join(SUBCOMMANDS) + '}')
     sub.required = True
     for name, (add_args, _, help_text) in SUBCOMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                formatter_class=HelpFormatter))
     return parser
 
 
@@ -1411,11 +1493,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # the task has saved its checkpoint and said so; no traceback for a Ctrl-C
         sys.exit(130)
     except BadFile as e:
-        message = f'train.py {args.task}: {e}'
+        message = f'train.py {args.task}: error: {e}'
     except SystemExit as e:  # raise SystemExit('message'): a bad flag or file
         if not isinstance(e.code, str):
             raise
-        message = e.code
+        message = e.code if e.code.startswith('train.py') else f'train.py {args.task}: error: {e.code}'
     print(message, file=sys.stderr)
     raise UsageExit(message) from None
 
