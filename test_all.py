@@ -2549,7 +2549,8 @@ BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it mus
         ('--phase2_lr_scale', '0', '0.1')],
     'hpcm': COMMON_FLAGS + [
         ('--phase', '4', '0'), ('--preset', 'tiny', 'small'), ('--data', 'MISSING', 'DIR'),
-        ('--eval_data', 'MISSING', 'DIR'), ('--eval', 'MISSING', 'FILE'), ('--quality', '7', '6'),
+        ('--eval_data', 'MISSING', 'DIR'), ('--eval', 'MISSING', 'FILE'), ('--ckpt', 'MISSING', 'FILE'),
+        ('--quality', '7', '6'),
         ('--lmbda', '-1', '0.01'), ('--lr', 'nan', '1e-4'), ('--batch_size', '0', '1'), ('--patch_size', '0', '64'),
         ('--clip_max_norm', 'nan', '0'), ('--num_images', '0', '1'), ('--eval_images', '0', '1'),
         ('--eval_size', '0 64', '64 64'), ('--eval_every', '-1', '0')],
