@@ -166,8 +166,8 @@ BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs tor
 # ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
 # plain and plastic, at the batch sizes asked for; the model is exactly `train.py ctm --preset ...`'s.
 
-CTM_PATHS = {'eager': [], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
-             'eager+bf16': ['--use_amp']}
+CTM_PATHS = {'eager': ['--eager'], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
+             'eager+bf16': ['--eager', '--use_amp']}
 CTM_CONFIGS = {'plain': [], 'bottleneck': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8'],
                'bottleneck+nlm': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8',
                                   '--use_hyper_nlm', '--hyper_nlm_rank', '4']}
@@ -195,6 +195,7 @@ def bench_ctm_one(argv, steps):
     import plastic
     args = train.resolve_ctm_args(train.build_parser().parse_args(['ctm', *shlex.split(argv)]))
     device = train.pick_device(args.device)
+    args = train.resolve_ctm_device(args, device)
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
         torch.cuda.empty_cache()
@@ -204,7 +205,7 @@ def bench_ctm_one(argv, steps):
     params, buffers = plastic.init_ctm(cfg, train.make_generator(0))
     params, buffers = train.tree_to(params, device, True), train.tree_to(buffers, device)
     opt = torch.optim.AdamW(train.tree_leaves(params), lr=args.lr, eps=1e-8)
-    train.ctm_optimizer_mode(opt, args.cuda_graph, device)
+    train.optimizer_mode(opt, args.cuda_graph, device)
     step = train.ctm_stepper(params, buffers, opt, cfg, task_loss, args)
     x, y = (torch.as_tensor(t).to(device) for t in batch(0))
     sync = train.synchronizer(device)

@@ -2250,6 +2250,7 @@ def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
 # ================================================================================================================
 # train.py ctm: the CUDA-graph fast path and data-parallel training
 
+import functools  # noqa: E402
 import json  # noqa: E402
 
 import plastic  # noqa: E402
@@ -2329,18 +2330,38 @@ def test_speed_optimizer_mode_and_set_lr_switch_between_plain_and_capturable():
     saved['param_groups'][0].update(lr=torch.tensor(0.25), capturable=True)  # as a --cuda_graph run saves it
     saved['state'][0]['step'] = saved['state'][0]['step'].clone()
     opt.load_state_dict(saved)
-    train.ctm_optimizer_mode(opt, False, torch.device('cpu'))
+    train.optimizer_mode(opt, False, torch.device('cpu'))
     group = opt.param_groups[0]
     assert group['lr'] == 0.25 and isinstance(group['lr'], float) and group['capturable'] is False
     assert opt.state[w]['step'].device.type == 'cpu' and opt.state[w]['step'].item() == 1
     train.set_lr(opt, 0.125)
     assert group['lr'] == 0.125
-    train.ctm_optimizer_mode(opt, True, torch.device('cpu'))
+    train.optimizer_mode(opt, True, torch.device('cpu'))
     lr = group['lr']
     train.set_lr(opt, 0.0625)
     assert group['capturable'] and group['lr'] is lr and lr.item() == 0.0625  # filled in place: a graph sees it
     with pytest.raises(SystemExit, match='--cuda_graph: needs a CUDA device'):
         train.main(['ctm', '--cuda_graph', '--device', 'cpu'])
+    with pytest.raises(SystemExit, match='--cuda_graph and --eager: expected one of them'):
+        train.main(['ctm', '--cuda_graph', '--eager'])
+
+
+@pytest.mark.parametrize('device, flags, fast, workers', [
+    ('cpu', [], False, 0), ('cuda', [], True, min(4, os.cpu_count() - 1)), ('cuda', ['--eager'], False, None),
+    ('cuda', ['--num_workers_train', '2'], True, 2), ('cpu', ['--num_workers_train', '3'], False, 3)])
+def test_speed_cuda_defaults_to_the_captured_path_with_maze_workers(device, flags, fast, workers):
+    args = train.resolve_ctm_args(train.build_parser().parse_args(['ctm', *flags]))
+    args = train.resolve_ctm_device(args, torch.device(device))
+    assert args.cuda_graph == fast
+    assert workers is None or args.num_workers_train == workers
+
+
+def test_speed_batches_made_ahead_by_workers_equal_the_direct_ones():
+    make = functools.partial(train.ctm_maze_batch, 5, n=2, size=7, route_length=4)
+    with train.batches_ahead(make, 1, 4) as batch:
+        ahead = [batch(step) for step in range(4)]
+    for step, (x, y) in enumerate(ahead):
+        assert np.array_equal(x, make(step)[0]) and np.array_equal(y, make(step)[1])
 
 
 @needs_cuda[0]
@@ -2364,7 +2385,7 @@ def test_speed_cuda_graph_step_equals_eager(hyper):
         for cuda_graph in (False, True):
             cfg, params, buffers, leaves = speed_model(device, dtype=torch.float64, **hyper)
             opt = torch.optim.AdamW(leaves, lr=1e-2, eps=1e-3)
-            train.ctm_optimizer_mode(opt, cuda_graph, device)
+            train.optimizer_mode(opt, cuda_graph, device)
             step = train.ctm_stepper(params, buffers, opt, cfg, speed_loss,
                                      argparse.Namespace(use_amp=False, gradient_clipping=1.0, cuda_graph=cuda_graph))
             metrics = []

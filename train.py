@@ -10,6 +10,7 @@ progress line, atomic checkpoints, metrics log, a stdlib PNG writer/reader) live
 flags and loop follow in its own section.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -384,35 +385,6 @@ def _read_png(data):
     return _unfilter_png(raw, h, w, channels)
 
 
-def setup_distributed(device_name):
-    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them: one process, rank 0."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    device = pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    # NVLink multicast can take a shared host's GPUs out of service: off unless the user set it explicitly.
-    os.environ.setdefault('NCCL_NVLS_ENABLE', '0')
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return torch.distributed.get_rank(), world, device
-
-
-def all_reduce_grads(leaves, world):
-    """Average gradients over ranks in one flat all-reduce (every rank holds the same parameter list)."""
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(leaves, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p)
-        offset += g.numel()
-
-
 def flag_type(kind, low=None, high=None, above=None, odd=False):
     """argparse type=: a finite `kind` (int or float) with low <= value <= high and value > above (None: no bound),
     odd if asked; anything else is refused by argparse as `argument --flag: expected ..., got '...'` (status 2)."""
@@ -462,6 +434,132 @@ def add_common_args(p, log_dir, steps, steps_help='training steps'):
     p.add_argument('--training_iterations', type=positive_int, default=steps, help=steps_help)
     p.add_argument('--log_every', type=positive_int, default=10)
     p.add_argument('--save_every', type=positive_int, default=500)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plumbing: data-parallel ranks, CUDA-graph capture, batches made ahead by worker processes. The loops call these;
+# none of them changes what a training step computes.
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them: one process, rank 0."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    # NVLink multicast can take a shared host's GPUs out of service: off unless the user set it explicitly.
+    os.environ.setdefault('NCCL_NVLS_ENABLE', '0')
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return torch.distributed.get_rank(), world, device
+
+
+def quiet_unless_rank0(rank):
+    """Data-parallel ranks other than 0 print nothing (rank 0 logs, evaluates and checkpoints for all)."""
+    if rank != 0:
+        sys.stdout = open(os.devnull, 'w')
+
+
+def all_reduce_grads(leaves, world):
+    """Average gradients over ranks in one flat all-reduce (every rank holds the same parameter list)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(leaves, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
+def wait_for_ranks(world, device):
+    """Every rank leaves together (rank 0 may still be saving after its last step)."""
+    if world > 1:
+        torch.distributed.barrier(**({'device_ids': [device.index]} if device.type == 'cuda' else {}))
+
+
+def end_distributed(world):
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def cuda_graph_step(step_fn, warmup=3):
+    """step_fn(*inputs) -> tensor, replayed from a CUDA graph: the first `warmup` calls run it eagerly on a side
+    stream (real steps; they let autograd, cuBLAS, NCCL and the optimizer create their lazy state), the next call
+    captures it and every call from then on copies its inputs into the graph's static input tensors and replays.
+    step_fn must keep its shapes and never wait for the host. The returned tensor is the graph's static output:
+    read it before the next call."""
+    graph, static_inputs, static_output, calls = None, None, None, 0
+
+    def step(*inputs):
+        nonlocal graph, static_inputs, static_output, calls
+        if graph is None and calls < warmup:
+            calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = step_fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return output
+        if graph is None:
+            static_inputs = [t.clone() for t in inputs]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = step_fn(*static_inputs)
+        else:
+            for static, t in zip(static_inputs, inputs):
+                static.copy_(t)
+        graph.replay()  # capturing records without running: the capturing call's step runs here too
+        return static_output
+    return step
+
+
+def optimizer_mode(opt, cuda_graph, device):
+    """Make AdamW capturable for a CUDA graph (step counters on the GPU, the learning rate a GPU tensor that
+    set_lr fills in place, so the replayed graph reads the current value), or plain; also after loading a
+    checkpoint, whose param groups carry the saving run's mode."""
+    for group in opt.param_groups:
+        group['capturable'] = cuda_graph
+        lr = float(group['lr'])
+        group['lr'] = torch.tensor(lr, device=device) if cuda_graph else lr
+    for state in opt.state.values():
+        if 'step' in state:
+            state['step'] = state['step'].to(device if cuda_graph else 'cpu', torch.float32)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if isinstance(group['lr'], torch.Tensor):
+            group['lr'].fill_(lr)
+        else:
+            group['lr'] = lr
+
+
+@contextlib.contextmanager
+def batches_ahead(make_batch, workers, total_steps):
+    """-> batch(step) = make_batch(step); with workers > 0, `workers` processes make the next 2·workers batches
+    while the GPU trains (make_batch must pickle: a module-level function or a functools.partial of one)."""
+    if workers <= 0:
+        yield make_batch
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+    ahead = {}
+
+    def batch(step):
+        for s in range(step, min(step + 2 * workers, total_steps)):
+            if s not in ahead:
+                ahead[s] = pool.submit(make_batch, s)
+        return ahead.pop(step).result()
+    try:
+        yield batch
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,8 +632,11 @@ def add_ctm_args(p):
     g.add_argument('--gradient_clipping', type=finite_float, default=-1, help='max gradient norm (-1: off)')
     g.add_argument('--use_amp', action='store_true', help='bfloat16 autocast on CUDA')
     g.add_argument('--cuda_graph', action='store_true', help='capture the whole training step in a CUDA graph '
-                   'after 3 eager steps and replay it (same results, several times faster on a GPU; README)')
-    g.add_argument('--num_workers_train', type=nonneg_int, default=0, help='processes generating maze batches ahead')
+                   'after 3 eager steps and replay it (same results, several times faster; the default on CUDA)')
+    g.add_argument('--eager', action='store_true', help='on CUDA, run the training step op by op instead of '
+                   'replaying it from a CUDA graph (the synapse hypernetworks in their paper form)')
+    g.add_argument('--num_workers_train', type=nonneg_int, help='processes generating maze batches ahead (default 4 '
+                   'on CUDA, 0 on a CPU)')
     g.add_argument('--track_every', type=nonneg_int, default=250,
                    help='held-out evaluation every this many steps (0: never)')
     g.add_argument('--n_test', type=positive_int, default=512, help='held-out examples (generated once, own seed)')
@@ -704,10 +805,11 @@ def ctm_answer(predictions, chosen, cfg):
     return picked.reshape(len(chosen), *cfg.prediction_reshaper).argmax(-1)
 
 
-# ctm fast path: at the seeds' mazes-small size one eager training step issues tens of thousands of small
-# kernels (50 ticks x ~15 U-Net Linears, norms, NLM einsums, synchronisation, forward and backward), so the GPU
-# waits on Python and launches. ctm_train_step is the whole step as one host-sync-free function; cuda_graph_step
-# captures it once in a CUDA graph and replays it, one launch per step. The eager path runs the same function.
+# The training step. At the seeds' mazes-small size one eager step issues tens of thousands of small kernels (50
+# ticks x ~15 U-Net Linears, norms, NLM einsums, synchronisation, forward and backward), so the GPU waits on Python
+# and launches. ctm_train_step is the whole step as one host-sync-free function, so that the plumbing's
+# cuda_graph_step can capture it once and replay it, one launch per step: the fast path, the default on CUDA
+# (with the synapse hypernetworks stacked, plastic.stack_hypernets). --eager runs the same function step by step.
 
 
 def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1,
@@ -743,84 +845,64 @@ def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gr
     return metrics
 
 
-def cuda_graph_step(step_fn, warmup=3):
-    """step_fn(*inputs) -> tensor, replayed from a CUDA graph: the first `warmup` calls run it eagerly on a side
-    stream (real steps; they let autograd, cuBLAS, NCCL and the optimizer create their lazy state), the next call
-    captures it and every call from then on copies its inputs into the graph's static input tensors and replays.
-    step_fn must keep its shapes and never wait for the host. The returned tensor is the graph's static output:
-    read it before the next call."""
-    graph, static_inputs, static_output, calls = None, None, None, 0
-
-    def step(*inputs):
-        nonlocal graph, static_inputs, static_output, calls
-        if graph is None and calls < warmup:
-            calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                output = step_fn(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return output
-        if graph is None:
-            static_inputs = [t.clone() for t in inputs]
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_output = step_fn(*static_inputs)
-        else:
-            for static, t in zip(static_inputs, inputs):
-                static.copy_(t)
-        graph.replay()  # capturing records without running: the capturing call's step runs here too
-        return static_output
-    return step
-
-
 def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
-    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step, with --cuda_graph on the stacked hypernetworks'
-    fast path and replayed from a CUDA graph."""
-    def step(x, y):
-        return ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, args.use_amp, args.gradient_clipping, world,
-                              stacked=args.cuda_graph)
+    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step; with args.cuda_graph on the stacked hypernetworks
+    and replayed from a CUDA graph (the optimizer must be in optimizer_mode(opt, True, device))."""
+    step = functools.partial(ctm_train_step, params, buffers, opt, cfg=cfg, task_loss=task_loss, use_amp=args.use_amp,
+                             gradient_clipping=args.gradient_clipping, world=world, stacked=args.cuda_graph)
     return cuda_graph_step(step) if args.cuda_graph else step
 
 
-def ctm_optimizer_mode(opt, cuda_graph, device):
-    """Make AdamW capturable for --cuda_graph (step counters on the GPU, the learning rate a GPU tensor that
-    set_lr fills in place, so the replayed graph reads the current value), or plain; also after loading a
-    checkpoint, whose param groups carry the saving run's mode."""
-    for group in opt.param_groups:
-        group['capturable'] = cuda_graph
-        lr = float(group['lr'])
-        group['lr'] = torch.tensor(lr, device=device) if cuda_graph else lr
-    for state in opt.state.values():
-        if 'step' in state:
-            state['step'] = state['step'].to(device if cuda_graph else 'cpu', torch.float32)
+def resolve_ctm_device(args, device):
+    """The defaults that depend on the device: on CUDA the captured fast path unless --eager, and maze batches made
+    ahead by --num_workers_train processes (default 4 on CUDA, else 0: on a CPU they would compete with the step)."""
+    if args.cuda_graph and args.eager:
+        raise ValueError('--cuda_graph and --eager: expected one of them (on CUDA the captured path is the default)')
+    if args.cuda_graph and device.type != 'cuda':
+        raise ValueError('--cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
+    args.cuda_graph = device.type == 'cuda' and not args.eager
+    if args.num_workers_train is None:
+        args.num_workers_train = min(4, (os.cpu_count() or 1) - 1) if device.type == 'cuda' else 0
+    return args
 
 
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        if isinstance(group['lr'], torch.Tensor):
-            group['lr'].fill_(lr)
-        else:
-            group['lr'] = lr
-
-
-def ctm_quiet_unless_rank0(rank):
-    """Data-parallel ranks other than 0 print nothing (rank 0 logs, evaluates and checkpoints for all)."""
-    if rank != 0:
-        sys.stdout = open(os.devnull, 'w')
+def ctm_evaluate(params, buffers, cfg, test, task_loss, args, device):
+    """Held-out loss and accuracy per answer step; whole-answer solve rate for mazes and parity. -> (metrics,
+    answers (N, ...)): the paper form (ctm_forward), batch by batch, without gradients."""
+    import plastic
+    test_x, test_y = test[:2]
+    answers, losses = [], []
+    with torch.no_grad(), torch.autocast('cuda', torch.bfloat16, enabled=args.use_amp and device.type == 'cuda'):
+        for i in range(0, len(test_x), args.batch_size_test):
+            x, y = test_x[i:i + args.batch_size_test].to(device), test_y[i:i + args.batch_size_test].to(device)
+            predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg)
+            loss, chosen = task_loss(predictions.float(), certainties.float(), y)
+            answers.append(ctm_answer(predictions, chosen, cfg).cpu())
+            losses.append(loss.item())
+    answers = torch.cat(answers)
+    correct = answers == test_y
+    metrics = {'loss': float(np.mean(losses)), 'step_acc': correct.float().mean().item()}
+    if args.ctm_task != 'images':
+        metrics['solve_rate'] = correct.flatten(1).all(1).float().mean().item()
+    return metrics, answers
 
 
 def run_ctm(args):
+    """Set up (flags, ranks, data, model, optimizer, checkpoint), then the loop: a training step per batch,
+    held-out evaluation every --track_every steps, a checkpoint every --save_every steps and at the end."""
     import plastic
+    # set up
     args = resolve_ctm_args(args)
     rank, world, device = setup_distributed(args.device)
-    ctm_quiet_unless_rank0(rank)
-    if args.cuda_graph and device.type != 'cuda':
-        raise SystemExit('train.py ctm --cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
-    gen = make_generator(args.seed)
+    quiet_unless_rank0(rank)
+    try:
+        args = resolve_ctm_device(args, device)
+    except ValueError as e:
+        raise SystemExit(f'train.py ctm {e}')
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
-    fields, train_batch, (test_x, test_y, *test_images), task_loss = ctm_task(args, rank)
+    gen = make_generator(args.seed)
+    fields, train_batch, test, task_loss = ctm_task(args, rank)
     if args.count_params:
         return print_ctm_param_counts(args, fields)
     try:
@@ -828,10 +910,8 @@ def run_ctm(args):
         params, buffers = plastic.init_ctm(cfg, gen)
     except ValueError as e:
         raise SystemExit(f'train.py ctm: {e}')
-    params, buffers = tree_to(params, device), tree_to(buffers, device)
+    params, buffers = tree_to(params, device, requires_grad=True), tree_to(buffers, device)
     leaves = tree_leaves(params)
-    for t in leaves:
-        t.requires_grad_(True)
     opt = torch.optim.AdamW(leaves, lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     path = checkpoint_path(args)
     start = 0
@@ -841,75 +921,49 @@ def run_ctm(args):
         except ValueError as e:
             raise SystemExit(f'train.py ctm --resume: {e}')
         print(f'resumed from {path} at step {start}')
-    ctm_optimizer_mode(opt, args.cuda_graph, device)
+    optimizer_mode(opt, args.cuda_graph, device)
     train_step = ctm_stepper(params, buffers, opt, cfg, task_loss, args, world)
     print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
           + (f'{world} ranks x batch {args.batch_size} | ' if world > 1 else '')
-          + f'{"CUDA graph | " if args.cuda_graph else ""}'
-          f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
+          + ('CUDA graph (--eager: step by step) | ' if args.cuda_graph else 'eager | ')
+          + f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
           + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
              if args.ctm_task == 'mazes' else ''), flush=True)
-    autocast = lambda: torch.autocast('cuda', torch.bfloat16, enabled=args.use_amp and device.type == 'cuda')
-    workers = None
-    if args.num_workers_train > 0 and args.ctm_task == 'mazes':
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        workers = ProcessPoolExecutor(args.num_workers_train, mp_context=multiprocessing.get_context('spawn'))
-    ahead = {}
 
-    def next_batch(step):
-        if workers is None:
-            return train_batch(step)
-        for s in range(step, min(step + 2 * args.num_workers_train, args.training_iterations)):
-            if s not in ahead:
-                ahead[s] = workers.submit(train_batch, s)
-        return ahead.pop(step).result()
-
-    def step_fn(step):
+    # the loop: one step per batch
+    def train(step):
         lr = ctm_lr(args, step)
         set_lr(opt, lr)
-        x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in next_batch(step))
+        x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in batch(step))
         loss, accuracy = train_step(x, y).tolist()
         metrics = {'loss': loss, 'acc': accuracy, 'lr': lr}
         if device.type == 'cuda':
             metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
-    def eval_fn(step):
-        answers, losses = [], []
-        with torch.no_grad(), autocast():
-            for i in range(0, len(test_x), args.batch_size_test):
-                x, y = test_x[i:i + args.batch_size_test].to(device), test_y[i:i + args.batch_size_test].to(device)
-                predictions, certainties, _ = plastic.ctm_forward(params, buffers, x, cfg)
-                loss, chosen = task_loss(predictions.float(), certainties.float(), y)
-                answers.append(ctm_answer(predictions, chosen, cfg).cpu())
-                losses.append(loss.item())
-        answers = torch.cat(answers)
-        correct = answers == test_y
-        metrics = {'loss': float(np.mean(losses)), 'step_acc': correct.float().mean().item()}
-        if args.ctm_task != 'images':
-            metrics['solve_rate'] = correct.flatten(1).all(1).float().mean().item()
+    # evaluate on the held-out set (and draw a few of its mazes)
+    def evaluate(step):
+        metrics, answers = ctm_evaluate(params, buffers, cfg, test, task_loss, args, device)
         if args.ctm_task == 'mazes' and args.n_pngs:
-            write_maze_pngs(args, step, test_images[0], answers.numpy(), test_y.numpy())
+            write_maze_pngs(args, step, test[2], answers.numpy(), test[1].numpy())
         return metrics
 
-    def save_fn(step):
+    # save
+    def save(step):
         save_checkpoint(path, {'params': params, 'buffers': buffers, 'opt': opt.state_dict(), 'step': step,
                                'args': vars(args)})
 
-    metrics_log = MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl'))
+    lead = rank == 0  # the other ranks only train
+    workers = args.num_workers_train if args.ctm_task == 'mazes' else 0  # the other tasks' batches are cheap
     try:
-        lead = rank == 0  # the other ranks only train
-        run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
-                 args.save_every, args.track_every if lead else 0, eval_fn, metrics_log if lead else None)
-        if world > 1:  # rank 0 may still be saving: every rank leaves together
-            torch.distributed.barrier(**({'device_ids': [device.index]} if device.type == 'cuda' else {}))
+        with batches_ahead(train_batch, workers, args.training_iterations) as batch:
+            run_loop(args.training_iterations, start, train, save if lead else (lambda step: None), args.log_every,
+                     args.save_every, args.track_every if lead else 0, evaluate,
+                     MetricsLog(os.path.join(args.log_dir, 'metrics.jsonl')) if lead else None)
+        wait_for_ranks(world, device)
     finally:
-        if workers is not None:
-            workers.shutdown(cancel_futures=True)
-        if world > 1:
-            train_step = None  # a captured graph holds NCCL work: free it before its communicator
-            torch.distributed.destroy_process_group()
+        train_step = None  # a captured graph holds NCCL work: free it before its communicator
+        end_distributed(world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
