@@ -1418,7 +1418,7 @@ def run_hpcm(args):
         args.phase, args.preset = saved.get('phase', args.phase), saved.get('preset', args.preset)
     # set up: device and ranks, model, data, optimizer, checkpoint
     rank, world, device = setup_distributed(args.device)
-    ctm_quiet_unless_rank0(rank)
+    quiet_unless_rank0(rank)
     if args.preset == 'auto':
         args.preset = 'full' if device.type == 'cuda' else 'small'
     if args.quality is not None:
@@ -1481,11 +1481,9 @@ def run_hpcm(args):
     try:
         run_loop(args.training_iterations, start, step_fn, save_fn if lead else (lambda step: None), args.log_every,
                  args.save_every, args.eval_every if lead else 0, eval_fn, log if lead else None)
-        if world > 1:  # rank 0 may still be saving: every rank leaves together
-            torch.distributed.barrier(**({'device_ids': [device.index]} if device.type == 'cuda' else {}))
+        wait_for_ranks(world, device)
     finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        end_distributed(world)
     print(f'saved {path}', flush=True)
 
 
