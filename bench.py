@@ -68,6 +68,143 @@ BENCHMARKS['lash_fastpath'] = (add_lash_fastpath_args, run_lash_fastpath,
                                'LASH: fast path (head once) vs general path loss+backward, side by side')
 
 
+# lash_exit / lash_generate: early exit timed against full depth on a trained checkpoint, paired: the two modes
+# alternate batch by batch (generation: run by run), the first round is warm-up, medians over the repeats.
+
+def add_lash_ckpt_args(p, thresholds, repeats):
+    p.add_argument('--ckpt', default='runs/lash_asym/train.pt',
+                   help="a `train.py lash` or `ashem` checkpoint; the default is README's LASH model (`python "
+                        "train.py lash --layer_weights 1:0,2:0.5,3:0,4:0.5 --log_dir runs/lash_asym`)")
+    p.add_argument('--thresholds', default=thresholds, help='comma list of routing thresholds')
+    p.add_argument('--exit_layer', type=int, default=2)
+    p.add_argument('--threads', default='1,2', help='comma list of CPU thread counts (torch.set_num_threads)')
+    p.add_argument('--repeats', type=int, default=repeats)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--out', default=None)
+
+
+def lash_bench_setup(args):
+    """-> (device, cfg, params, saved args, [(threshold, full config, routed config)], thread counts)."""
+    import lash
+    device = train.pick_device(args.device)
+    cfg, params, saved = train.lash_load(args.ckpt, device)
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(',')]
+        threads = [int(t) for t in args.threads.split(',')]
+    except ValueError:
+        raise SystemExit(f'--thresholds/--threads: expected comma lists of numbers, got {args.thresholds!r}, '
+                         f'{args.threads!r}') from None
+    full = lash.create_standard_config(cfg.num_layers)
+    try:
+        configs = [(t, full, lash.TrainingConfig(full.layer_weights, routing_threshold=t, exit_layer=args.exit_layer))
+                   for t in thresholds]
+    except ValueError as e:
+        raise SystemExit(f'--thresholds/--exit_layer: {e}') from None
+    return device, cfg, params, saved, configs, threads
+
+
+def paired_times(run_a, run_b, items, repeats, sync):
+    """Time run_a(item) and run_b(item) for every item, alternating which goes first; the first round is warm-up.
+    -> (seconds of a per round, seconds of b per round), `repeats` rounds each."""
+    import time
+    rounds = []
+    for r in range(repeats + 1):
+        total = {run_a: 0.0, run_b: 0.0}
+        for i, item in enumerate(items):
+            for run in (run_a, run_b) if (r + i) % 2 == 0 else (run_b, run_a):
+                sync()
+                t0 = time.perf_counter()
+                run(item)
+                sync()
+                total[run] += time.perf_counter() - t0
+        rounds.append((total[run_a], total[run_b]))
+    return [a for a, _ in rounds[1:]], [b for _, b in rounds[1:]]
+
+
+def run_lash_exit(args):
+    """Routed against full-depth evaluation (lash.evaluate, statistics included) on the val and test splits of
+    the checkpoint's data: wall time as the median over repeats of routed / full, beside the FLOP cost and PPL."""
+    import argparse as ap
+    import statistics
+
+    import torch
+
+    import lash
+    device, cfg, params, saved, configs, threads = lash_bench_setup(args)
+    _, _, val, test, _ = train.lash_setup(ap.Namespace(**dict(saved, device=args.device)))
+    batches = val + test
+    sync = train.synchronizer(device)
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        for threshold, full, routed in configs:
+            f, r = (lash.evaluate(params, batches, c, cfg) for c in (full, routed))
+            full_s, routed_s = paired_times(lambda b: lash.evaluate(params, [b], full, cfg),
+                                            lambda b: lash.evaluate(params, [b], routed, cfg), batches,
+                                            args.repeats, sync)
+            wall = statistics.median(b / a for a, b in zip(full_s, routed_s))
+            rows.append({'threads': n, 'threshold': threshold, 'exit_layer': args.exit_layer,
+                         'tokens': f['tokens'], 'exit_rate': r['exit_rate'], 'full_s': statistics.median(full_s),
+                         'routed_s': statistics.median(routed_s), 'wall': wall, 'flop_cost': r['flop_cost'],
+                         'wall_minus_flop': wall - r['flop_cost'], 'compute_cost': r['compute_cost'],
+                         'ppl_full': f['ppl'], 'ppl_routed': r['ppl'],
+                         'ppl_change_pct': 100 * (r['ppl'] / f['ppl'] - 1),
+                         'device': str(device)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+BENCHMARKS['lash_exit'] = (lambda p: add_lash_ckpt_args(p, '0.9,0.8,0.5', 7), run_lash_exit,
+                           'LASH/ASHEM: routed vs full evaluation, paired: wall time, FLOP cost, PPL')
+
+
+def run_lash_generate(args):
+    """Greedy generation of --new_tokens bytes after each of --prompts prompts (--prompt_len bytes from evenly
+    spaced places in the validation split; each its own run, batch 1), full depth against early exit: tokens/s
+    (median over repeats of the summed runs), speed-up (median of the paired ratios) and the exit rate."""
+    import statistics
+
+    import torch
+
+    import lash
+    device, cfg, params, saved, configs, threads = lash_bench_setup(args)
+    _, val, _ = lash.split_corpus(lash.load_corpus(saved['data']))
+    starts = torch.linspace(0, len(val) - args.prompt_len, args.prompts).long().tolist()
+    prompts = [val[s:s + args.prompt_len][None].to(device) for s in starts]
+    sync = train.synchronizer(device)
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        for threshold, full, routed in configs:
+            outputs, modes, items = {}, {'full': full, 'routed': routed}, range(len(prompts))
+
+            def generate(mode, i):
+                outputs[mode, i] = lash.generate(params, prompts[i], cfg, modes[mode], args.new_tokens)
+            full_s, routed_s = paired_times(lambda i: generate('full', i), lambda i: generate('routed', i), items,
+                                            args.repeats, sync)
+            exit_mask = torch.cat([outputs['routed', i][1] for i in items], 1)
+            same = sum(torch.equal(outputs['full', i][0], outputs['routed', i][0]) for i in items)
+            total = args.new_tokens * len(prompts)
+            rows.append({'threads': n, 'threshold': threshold, 'exit_layer': args.exit_layer,
+                         'tokens': total, 'exit_rate': exit_mask.float().mean().item(),
+                         'full_tok_s': total / statistics.median(full_s),
+                         'routed_tok_s': total / statistics.median(routed_s),
+                         'speedup': statistics.median(a / b for a, b in zip(full_s, routed_s)),
+                         'same_text': f'{same}/{len(prompts)}', 'device': str(device)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def add_lash_generate_args(p):
+    add_lash_ckpt_args(p, '0.9', 5)
+    p.add_argument('--prompts', type=int, default=8, help='how many prompts, from the validation split')
+    p.add_argument('--prompt_len', type=int, default=32, help='bytes per prompt')
+    p.add_argument('--new_tokens', type=int, default=96, help='prompt + new tokens stay within the trained 128')
+
+BENCHMARKS['lash_generate'] = (add_lash_generate_args, run_lash_generate,
+                               'LASH: tokens/s of greedy generation with a KV cache, full depth vs early exit')
+
+
 # wkv: Bi-WKV4 forward+backward time and achieved bandwidth, CUDA kernel vs torch scan vs dense.
 
 def add_wkv_args(p):

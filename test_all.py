@@ -1074,11 +1074,18 @@ def test_hyper_train_count_params_matches_hand_count():
 import torch.nn.functional as F  # noqa: E402
 
 import lash  # noqa: E402
+from hypothesis import assume  # noqa: E402
 
 
-def test_train_small_helpers():
+def test_train_format_metrics_gives_floats_four_decimals_and_other_values_as_is():
     assert train.format_metrics({'loss': 1 / 3, 'step': 7, 'name': 'x'}) == ['loss 0.3333', 'step 7', 'name x']
+
+
+def test_train_synchronizer_is_a_no_op_off_cuda():
     assert train.synchronizer(torch.device('cpu'))() is None
+
+
+def test_lash_train_batches_are_the_seeded_epoch_batches():
     args = argparse.Namespace(seq_len=4, batch_size=2, seed=3)
     tokens = torch.arange(50)
     got = train.lash_train_batches(args, tokens, lambda batches: batches)(1)
@@ -1109,7 +1116,7 @@ def test_lash_rms_norm_matches_formula(shape, dim, seed):
 
 
 @given(dim=st.integers(1, 6), hidden=st.integers(1, 6), seed=st.integers(0, 99))
-def test_lash_glu_matches_formula(dim, hidden, seed):
+def test_lash_swiglu_ffn_matches_formula(dim, hidden, seed):
     gen = np.random.default_rng(seed)
     x, wg, wu, wd = gen.normal(size=dim), gen.normal(size=(hidden, dim)), gen.normal(size=(hidden, dim)), \
         gen.normal(size=(dim, hidden))
@@ -1117,7 +1124,7 @@ def test_lash_glu_matches_formula(dim, hidden, seed):
     ref = [sum(wd[o, j] * silu(wg[j] @ x) * (wu[j] @ x) for j in range(hidden)) for o in range(dim)]
     p = {'w_gate': {'weight': torch.tensor(wg)}, 'w_up': {'weight': torch.tensor(wu)},
          'w_down': {'weight': torch.tensor(wd)}}
-    np.testing.assert_allclose(lash.glu(p, torch.tensor(x)).numpy(), ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lash.swiglu_ffn(p, torch.tensor(x)).numpy(), ref, rtol=1e-9, atol=1e-12)
 
 
 @given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(-200, 200), half=st.integers(1, 6),
@@ -1140,8 +1147,8 @@ def test_lash_attention_matches_loop_for_any_query_subset():
     B, T, D, H = 2, 6, cfg.dim, cfg.num_heads
     x = torch.randn(B, T, D, generator=gen)
     q_pos = torch.tensor([[5, 0, 3], [2, 4, 1]])
-    x_q = torch.stack([x[b, q_pos[b]] for b in range(B)])
-    got = lash.attention(p, x_q, q_pos, x, cfg)
+    got = lash.attention(p, x, cfg, (q_pos + T * torch.arange(B)[:, None]).flatten()).view(B, 3, D)
+    assert torch.allclose(lash.attention(p, x, cfg)[torch.arange(B)[:, None], q_pos], got, atol=1e-6)
     Dh = D // H
     theta = cfg.rope_base ** (-np.arange(0, Dh, 2) / Dh)
 
@@ -1232,14 +1239,16 @@ def test_lash_training_config_validation_and_presets():
     assert c.exit_layer == 2 and c.layer_lr_scales == {1: 1.0, 2: 1.0, 3: 1.0} and not c.last_layer_only
     for kwargs, message in (
             (dict(layer_weights={1: -0.1, 2: 1}), r'layer_weights\[1\].*>= 0'),
-            (dict(layer_weights={1: 0, 3: 1}), 'exactly 1..2'),
+            (dict(layer_weights={1: 0, 3: 1}), r'every layer 1\.\.3 once, got \[1, 3\]'),
+            (dict(layer_weights={3: 1}), r'every layer 1\.\.3 once, got \[3\]'),
             (dict(layer_weights={0: 1}), 'layer numbers'),
             (dict(layer_weights={1: 0, 2: 0}), 'at least one weight'),
             (dict(layer_weights={}), 'non-empty dict'),
             (dict(layer_weights={1: 1, 2: 1}, layer_lr_scales={3: 1.0}), r'layer_lr_scales.*1\.\.2'),
             (dict(layer_weights={1: 1, 2: 1}, layer_lr_scales={1: float('nan')}), 'finite'),
             (dict(layer_weights={1: 1, 2: 1}, routing_threshold=1.5), r'probability in \(0, 1\]'),
-            (dict(layer_weights={1: 1, 2: 1}, routing_threshold=0.9, exit_layer=3), r'exit_layer.*1\.\.2'),
+            (dict(layer_weights={1: 1, 2: 1}, routing_threshold=0.9, exit_layer=2), r'exit_layer.*1\.\.1 \(exiting'),
+            (dict(layer_weights={1: 0, 2: 1}, routing_threshold=0.9), 'no layer below the last carries loss weight'),
             (dict(layer_weights={1: 1, 2: 1}, exit_layer=1), 'only used together with routing_threshold')):
         with pytest.raises(ValueError, match=message):
             lash.TrainingConfig(**kwargs)
@@ -1283,18 +1292,16 @@ def test_lash_routing_counts_cost_and_really_skips(monkeypatch):
     exit_mask = conf >= threshold
     assert int(exit_mask.sum()) == 6
     ffn_tokens = []
-    real_glu = lash.glu
-    monkeypatch.setattr(lash, 'glu', lambda p, x: (ffn_tokens.append(x.shape[0] * x.shape[1]), real_glu(p, x))[1])
+    real_ffn = lash.swiglu_ffn
+    monkeypatch.setattr(lash, 'swiglu_ffn', lambda p, x: (ffn_tokens.append(x.shape[:-1].numel()), real_ffn(p, x))[1])
     logits, got_mask = lash.forward_routed(params, tokens, cfg, 2, threshold)
     assert torch.equal(got_mask, exit_mask)
-    most = int((~exit_mask).sum(1).max())  # rows are padded to the row with the most continuing tokens
-    assert ffn_tokens == [10, 10, 2 * most, 2 * most] and most < 5
+    assert ffn_tokens == [10, 10, 4, 4]  # layers 3 and 4 run the feed-forward on the 4 continuing tokens only
     assert torch.allclose(logits, dense_routed_logits(params, tokens, cfg, 2, exit_mask), atol=1e-5)
     config = lash.TrainingConfig({1: 0, 2: 0.5, 3: 0, 4: 0.5}, routing_threshold=threshold, exit_layer=2)
     stats = lash.evaluate(params, [(tokens, tokens)], config, cfg)
     assert stats['exit_rate'] == 0.6
     assert stats['compute_cost'] == pytest.approx((10 * 2 + 4 * 2) / (10 * 4))
-    assert stats['padded_cost'] == pytest.approx((10 * 2 + 2 * most * 2) / (10 * 4))
     correct = logits.argmax(-1) == tokens
     assert stats['exited_accuracy'] == pytest.approx(correct[exit_mask].float().mean().item())
     assert stats['continued_accuracy'] == pytest.approx(correct[~exit_mask].float().mean().item())
@@ -1320,6 +1327,70 @@ def test_lash_routed_forward_matches_dense_reference_in_gradients():
     leaves = lash.tree_leaves(params)
     for ga, gb in zip(torch.autograd.grad(a.square().sum(), leaves), torch.autograd.grad(b.square().sum(), leaves)):
         assert torch.allclose(ga, gb, atol=1e-4)
+
+
+@given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=2), vocab=st.integers(1, 7), seed=st.integers(0, 99))
+def test_lash_confidence_is_the_largest_softmax_probability(shape, vocab, seed):
+    logits = np.random.default_rng(seed).normal(size=(*shape, vocab)) * 4
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(lash.confidence(torch.tensor(logits)).numpy(), probs.max(-1), rtol=1e-12)
+
+
+def lash_generation_setup(seed, B=2, T0=3):
+    cfg, params = lash_tiny(4, seed=seed)
+    params = lash_scrambled(params, seed)
+    prompt = torch.randint(0, cfg.vocab_size, (B, T0), generator=torch.Generator().manual_seed(seed))
+    return cfg, params, prompt
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 99), T0=st.integers(1, 4))
+def test_lash_generate_full_depth_equals_argmax_of_forward_on_the_growing_sequence(seed, T0):
+    cfg, params, prompt = lash_generation_setup(seed, T0=T0)
+    tokens, exit_mask = lash.generate(params, prompt, cfg, lash.create_standard_config(4), 6)
+    assert tokens.shape == (2, T0 + 6) and torch.equal(tokens[:, :T0], prompt) and not exit_mask.any()
+    for t in range(T0, T0 + 6):  # no cache: the whole sequence so far, every step
+        assert torch.equal(tokens[:, t], lash.forward(params, tokens[:, :t], cfg)[:, -1].argmax(-1))
+
+
+@settings(max_examples=4)
+@example(seed=0)
+@given(seed=st.integers(0, 99))
+def test_lash_generate_routed_equals_routed_forward_with_the_same_exits(seed):
+    """Each new token is the argmax of forward_routed (no cache, every step) on the sequence so far with the exit
+    mask generation took; that mask is the layer-2 head's confidence >= threshold, read off a plain forward."""
+    cfg, params, prompt = lash_generation_setup(seed, B=3)
+    conf = lash.confidence(lash.forward_all_layers(params, prompt, cfg)[1]).flatten().sort().values
+    threshold = float(conf[4:6].mean())  # between two prompt tokens' confidences: some pass, some do not
+    config = lash.TrainingConfig({1: 0, 2: 1, 3: 0, 4: 1}, routing_threshold=threshold)
+    tokens, exit_mask = lash.generate(params, prompt, cfg, config, 8)
+    T0 = prompt.shape[1]
+    fed = tokens[:, T0 - 1:-1]  # the token each step fed in
+    assume(exit_mask.any() and (~exit_mask).any())  # both kinds of step
+    layer2 = lash.confidence(lash.output_head(params, lash.hidden_after(params, tokens[:, :-1], cfg, 2), cfg))
+    clear = (layer2[:, T0 - 1:] - threshold).abs() > 1e-5  # float round-off may decide a tie either way
+    assert torch.equal(exit_mask[clear], (layer2[:, T0 - 1:] >= threshold)[clear]) and fed.shape == exit_mask.shape
+    mask = torch.cat([torch.zeros(3, T0 - 1, dtype=torch.bool), exit_mask], 1)  # the prompt ran at full depth
+    for t in range(T0, T0 + 8):
+        logits, _ = lash.forward_routed(params, tokens[:, :t], cfg, 2, exit_mask=mask[:, :t])
+        assert torch.equal(tokens[:, t], logits[:, -1].argmax(-1))
+
+
+def test_lash_generate_threshold_one_equals_full_depth_and_tiny_temperature_equals_greedy():
+    cfg, params, prompt = lash_generation_setup(7)
+    full, _ = lash.generate(params, prompt, cfg, lash.create_standard_config(4), 5)
+    never = lash.TrainingConfig({1: 0, 2: 1, 3: 0, 4: 1}, routing_threshold=1.0)
+    tokens, exit_mask = lash.generate(params, prompt, cfg, never, 5)
+    assert torch.equal(tokens, full) and not exit_mask.any()
+    sampled, _ = lash.generate(params, prompt, cfg, never, 5, temperature=1e-6, gen=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, full)
+    hot = [lash.generate(params, prompt, cfg, never, 20, 5.0, torch.Generator().manual_seed(s))[0] for s in (0, 0, 1)]
+    assert torch.equal(hot[0], hot[1]) and not torch.equal(hot[0], hot[2])  # seeded, and really sampled
+    for kwargs, message in ((dict(max_new_tokens=0), 'max_new_tokens'), (dict(temperature=-1.0), 'temperature'),
+                            (dict(prompt=prompt[:, :0]), 'at least one token')):
+        with pytest.raises(ValueError, match=message):
+            lash.generate(**dict(dict(params=params, prompt=prompt, cfg=cfg, config=never, max_new_tokens=5),
+                                 **kwargs))
 
 
 def test_lash_early_stopping_stops_and_restores():
@@ -1448,10 +1519,10 @@ def test_ashem_exited_predictions_equal_the_shallow_model():
 
 
 def ashem_table(stdout):
-    """The rows of the final table without the timing column."""
+    """The rows of the final table."""
     lines = stdout.splitlines()
     start = next(i for i, l in enumerate(lines) if l.split()[:2] == ['model', 'steps'])
-    return [l.split()[:-1] for l in lines[start:start + 5]]
+    return [l.split() for l in lines[start:start + 5]]
 
 
 def test_ashem_and_lash_cli_run_resume_and_reject_bad_flags(tmp_path, capsys):
@@ -1474,6 +1545,43 @@ def test_ashem_and_lash_cli_run_resume_and_reject_bad_flags(tmp_path, capsys):
                            (['--exit_layer', '2'], 'only used together with routing_threshold')):
         with pytest.raises(SystemExit, match=message):
             train.main(['lash', *common, *flags, '--log_dir', str(tmp_path / 'c')])
+
+
+def test_lash_cli_generate_and_benches_read_a_trained_checkpoint(tmp_path, capsys):
+    import bench
+    text = tmp_path / 'text.txt'
+    text.write_text(' '.join(f'word{i % 37} is {i % 7}.' for i in range(400)))
+    ckpt = str(tmp_path / 'b' / 'train.pt')
+    train.main(['lash', '--data', str(text), '--seq_len', '16', '--batch_size', '8', '--dim', '16', '--max_epochs',
+                '1', '--log_every', '1000', '--device', 'cpu', '--training_iterations', '2', '--num_layers', '3',
+                '--layer_weights', '1:0,2:1,3:1', '--log_dir', str(tmp_path / 'b')])
+    capsys.readouterr()
+    tokens, exit_mask = train.main(['lash', '--generate', 'word1', '--ckpt', ckpt, '--max_new_tokens', '6',
+                                    '--routing_threshold', '0.05', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    assert tokens.shape == (1, 11) and out.startswith('word1') and 'exit rate' in out and '6 tokens in' in out
+    cfg, params, _ = train.lash_load(ckpt, torch.device('cpu'))
+    config = lash.TrainingConfig({1: 0, 2: 1, 3: 1}, routing_threshold=0.05)
+    assert torch.equal(lash.generate(params, tokens[:, :5], cfg, config, 6)[0], tokens)
+    for flags, message in ((['--generate', ''], 'non-empty prompt'),
+                           (['--generate', 'x', '--ckpt', str(text)], 'cannot be read')):
+        with pytest.raises(SystemExit, match=message):
+            train.main(['lash', *flags, '--device', 'cpu', '--log_dir', str(tmp_path / 'b')])
+    _, _, val, test, _ = train.lash_setup(argparse.Namespace(data=str(text), seq_len=16, batch_size=8, device='cpu'))
+    threshold = float(torch.cat([lash.confidence(lash.forward_all_layers(params, b[0], cfg)[1]).detach().flatten()
+                                 for b in val + test]).median())
+    rows = bench.run_lash_exit(argparse.Namespace(ckpt=ckpt, thresholds=f'{threshold!r},1', exit_layer=2,
+                                                  threads='1', repeats=1, device='cpu'))
+    routed = lash.evaluate(params, val + test, lash.TrainingConfig({1: 0, 2: 0, 3: 1}, routing_threshold=threshold,
+                                                                   exit_layer=2), cfg)
+    assert rows[0]['exit_rate'] == routed['exit_rate'] > 0 and rows[0]['ppl_routed'] == pytest.approx(routed['ppl'])
+    assert rows[1]['exit_rate'] == 0 and rows[1]['ppl_routed'] == pytest.approx(rows[1]['ppl_full'])
+    assert rows[1]['flop_cost'] > 1  # threshold 1: nobody exits, and the exit head ran for nothing
+    assert all(r['full_s'] > 0 and r['routed_s'] > 0 for r in rows)
+    rows = bench.run_lash_generate(argparse.Namespace(ckpt=ckpt, thresholds='1', exit_layer=2, threads='1',
+                                                      repeats=1, device='cpu', prompts=2, prompt_len=4,
+                                                      new_tokens=3))
+    assert rows[0]['exit_rate'] == 0 and rows[0]['same_text'] == '2/2' and rows[0]['tokens'] == 6
 
 
 # ================================================================================================================
@@ -2563,7 +2671,8 @@ BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it mus
         ('--data_root', 'MISSING', 'DIR'), ('--image_size', '0', '1')],
     'lash': COMMON_FLAGS + LASH_MODEL_FLAGS + [
         ('--num_layers', '0', '1'), ('--routing_threshold', '1.5', '1'), ('--exit_layer', '0', '1'),
-        ('--patience', '0', '1')],
+        ('--patience', '0', '1'), ('--ckpt', 'MISSING', 'FILE'), ('--max_new_tokens', '0', '1'),
+        ('--temperature', '-1', '0')],
     'ashem': COMMON_FLAGS + LASH_MODEL_FLAGS + [
         ('--phase1_layers', '0', '1'), ('--phase2_layers', '0', '1'), ('--hard_example_ratio', '0', '1'),
         ('--hard_example_ratio', '1.01', '0.01'), ('--phase1_patience', '0', '1'), ('--phase2_patience', '0', '1'),

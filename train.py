@@ -1001,6 +1001,14 @@ def add_lash_args(p):
     p.add_argument('--exit_layer', type=positive_int, default=None,
                    help='default: the lowest layer with a non-zero loss weight')
     p.add_argument('--patience', type=positive_int, default=1, help='early stopping: epochs without val improvement')
+    p.add_argument('--generate', default=None, metavar='PROMPT',
+                   help='do not train: continue PROMPT from --ckpt token by token (KV cache; early exit with '
+                        '--routing_threshold) and print it')
+    p.add_argument('--ckpt', type=existing_file, default=None,
+                   help='checkpoint for --generate (default LOG_DIR/train.pt)')
+    p.add_argument('--max_new_tokens', type=positive_int, default=None,
+                   help="default: up to the checkpoint's --seq_len (RoPE positions beyond it were never trained)")
+    p.add_argument('--temperature', type=nonneg_float, default=0.0, help='--generate: 0 is greedy; > 0 samples')
 
 
 def parse_layer_dict(text, flag):
@@ -1096,34 +1104,51 @@ def lash_fit(args, stage, params, loss_fn, opt, train_batches, val_fn, max_epoch
     return state
 
 
-def timed_evaluate(params, batches, config, cfg, hard_masks=None):
+def lash_training_config(args, n):
+    """--layer_weights/--layer_lr_scales/--routing_threshold/--exit_layer -> lash.TrainingConfig for n layers."""
     import lash
-    t0 = time.perf_counter()
-    stats = lash.evaluate(params, batches, config, cfg, hard_masks)
-    return dict(stats, seconds=time.perf_counter() - t0)
-
-
-def run_lash(args):
-    import lash
-    device, train_tokens, val, test, to_device = lash_setup(args)
-    gen = make_generator(args.seed)
-    cfg, params = lash_model(args, args.num_layers, gen, device)
-    n = args.num_layers
-    if args.layer_weights == 'deep':
+    text = getattr(args, 'layer_weights', None)
+    if text == 'deep':
         weights = lash.create_deep_supervision_config(n).layer_weights
     else:
-        weights = parse_layer_dict(args.layer_weights, 'layer_weights') if args.layer_weights else None
-    scales = parse_layer_dict(args.layer_lr_scales, 'layer_lr_scales') if args.layer_lr_scales else None
+        weights = parse_layer_dict(text, 'layer_weights') if text else lash.create_standard_config(n).layer_weights
+    scales = getattr(args, 'layer_lr_scales', None)
+    scales = parse_layer_dict(scales, 'layer_lr_scales') if scales else None
     try:
-        config = lash.TrainingConfig(weights or lash.create_standard_config(n).layer_weights, scales,
-                                     args.routing_threshold, args.exit_layer)
+        config = lash.TrainingConfig(weights, scales, args.routing_threshold, args.exit_layer)
         if config.num_layers != n:
             raise ValueError(f'they name {config.num_layers} layers, --num_layers is {n}')
     except ValueError as e:
         raise SystemExit(f'--layer_weights/--layer_lr_scales/--routing_threshold/--exit_layer: {e}') from None
+    return config
+
+
+def lash_load(path, device):
+    """A `lash` or `ashem` checkpoint -> (cfg, params, the args it was trained with): the model is rebuilt from
+    those args and the number of saved layers."""
+    payload = read_checkpoint(path)
+    try:
+        saved, num_layers = payload['args'], len(payload['params']['layers'])
+        cfg, params = lash_model(argparse.Namespace(**saved), num_layers, torch.Generator(), device)
+        load_into(payload['params'], params, 'params')
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadFile(f'checkpoint {path}: not a lash/ashem checkpoint ({type(e).__name__}: {e})') from None
+    return cfg, params, saved
+
+
+def run_lash(args):
+    import lash
+    if args.generate is not None:
+        return lash_generate(args)
+    device, train_tokens, val, test, to_device = lash_setup(args)
+    gen = make_generator(args.seed)
+    cfg, params = lash_model(args, args.num_layers, gen, device)
+    config = lash_training_config(args, args.num_layers)
     opt = lash.create_optimizer(params, config, args.lr, args.weight_decay)
-    print(f'LASH: {n} layers, dim {args.dim}; weights {config.layer_weights}; lr scales {config.layer_lr_scales}; '
-          f'{"fast path (head once)" if config.last_layer_only else "head after every weighted layer"}', flush=True)
+    print(f'LASH: {cfg.num_layers} layers, dim {args.dim}; weights {config.layer_weights}; lr scales '
+          f'{config.layer_lr_scales}; '
+          f'{"fast path (head once)" if config.last_layer_only else "general path (head after every layer)"}',
+          flush=True)
     full = lash.TrainingConfig(config.layer_weights, config.layer_lr_scales)
     state = lash_fit(args, 'train', params, lambda p, b: lash.compute_loss(p, b, config, cfg), opt,
                      lash_train_batches(args, train_tokens, to_device),
@@ -1132,13 +1157,43 @@ def run_lash(args):
     rows = []
     for split, batches in (('val', val), ('test', test)):
         for mode, c in (('full', full), ('routed', config)) if config.routing_threshold else (('full', full),):
-            rows.append(dict(split=split, mode=mode, steps=state['step'], **timed_evaluate(params, batches, c, cfg)))
+            rows.append(dict(split=split, mode=mode, steps=state['step'], **lash.evaluate(params, batches, c, cfg)))
     print(f'\nLASH results (exit layer {config.exit_layer}, threshold {config.routing_threshold}):')
     print_rows(rows, ['split', 'mode', 'steps', 'loss', 'ppl', 'accuracy', 'exit_rate', 'exited_accuracy',
-                      'continued_accuracy', 'compute_cost', 'padded_cost', 'flop_cost', 'seconds'])
+                      'continued_accuracy', 'compute_cost', 'flop_cost'])
+    if config.routing_threshold:
+        print(f'wall time, paired: python bench.py lash_exit --ckpt {os.path.join(args.log_dir, "train.pt")} '
+              f'--exit_layer {config.exit_layer} --thresholds {config.routing_threshold}')
     with open(os.path.join(args.log_dir, 'results.json'), 'w') as f:
         json.dump({'argv': sys.argv, 'rows': rows}, f, indent=1)
     return rows
+
+
+def lash_generate(args):
+    """`--generate PROMPT`: continue the prompt's bytes from a trained checkpoint with lash.generate."""
+    import lash
+    if not args.generate:
+        raise SystemExit('--generate: expected a non-empty prompt')
+    device = pick_device(args.device)
+    path = args.ckpt or os.path.join(args.log_dir, 'train.pt')
+    cfg, params, saved = lash_load(path, device)
+    config = lash_training_config(argparse.Namespace(**dict(saved, routing_threshold=args.routing_threshold,
+                                                            exit_layer=args.exit_layer)), cfg.num_layers)
+    prompt = torch.tensor([list(args.generate.encode('utf-8'))], device=device)
+    n = args.max_new_tokens or max(saved['seq_len'] - prompt.shape[1], 16)
+    gen = make_generator(args.seed, device)
+    t0 = time.perf_counter()
+    try:
+        tokens, exit_mask = lash.generate(params, prompt, cfg, config, n, args.temperature, gen)
+    except ValueError as e:
+        raise SystemExit(f'--generate/--max_new_tokens/--temperature: {e}') from None
+    seconds = time.perf_counter() - t0
+    print(bytes(tokens[0].tolist()).decode('utf-8', errors='replace'))
+    routing = (f'exit rate {exit_mask.float().mean().item():.1%} at layer {config.exit_layer} (threshold '
+               f'{config.routing_threshold})' if config.routing_threshold else 'full depth')
+    print(f'\n{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, '
+          f'first call, warm-up included; paired figures: python bench.py lash_generate); {routing}', flush=True)
+    return tokens, exit_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1212,24 +1267,24 @@ def run_ashem(args):
 
     hard_test = [c < threshold for c in lash.token_confidence(params1, test, cfg1, p1)]
     results = [(f'{p1}-layer baseline', state_small['step'],
-                timed_evaluate(small, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
+                lash.evaluate(small, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
                (f'{p2}-layer baseline', state_large['step'],
-                timed_evaluate(large, test, lash.create_standard_config(p2), cfg2, hard_test), p2),
+                lash.evaluate(large, test, lash.create_standard_config(p2), cfg2, hard_test), p2),
                (f'ASHEM phase 1 only ({p1} layers)', state1['step'],
-                timed_evaluate(params1, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
+                lash.evaluate(params1, test, lash.create_standard_config(p1), cfg1, hard_test), p1),
                (f'ASHEM two-stage ({p1}+{p2 - p1} layers)', budget,
-                timed_evaluate(params2, test, routed, cfg2, hard_test), p2)]
+                lash.evaluate(params2, test, routed, cfg2, hard_test), p2)]
     full_flops = results[1][2]['flops']
     rows = [dict(model=name, steps=steps, ppl=s['ppl'], hard_ppl=s['hard_ppl'], easy_ppl=s['easy_ppl'],
                  accuracy=s['accuracy'], deep_rate=1 - s['exit_rate'] if L == p2 else 0.0,
-                 compute_cost=s['token_layers'] / (s['tokens'] * p2), padded_cost=s['padded_cost'] * L / p2,
-                 flop_cost=s['flops'] / full_flops,
-                 seconds=s['seconds']) for name, steps, s, L in results]
+                 compute_cost=s['token_layers'] / (s['tokens'] * p2), flop_cost=s['flops'] / full_flops)
+            for name, steps, s, L in results]
     print(f'\nASHEM on the test split ({results[0][2]["tokens"]} tokens; hard = phase-1 confidence < '
           f'{threshold:.4f}: {results[0][2]["hard_fraction"]:.1%} of them); compute cost = layers run / '
-          f'(tokens x {p2}), flop_cost = FLOPs / the {p2}-layer model\'s:')
+          f'(tokens x {p2}), flop_cost = FLOPs / the {p2}-layer model\'s; wall time: python bench.py lash_exit '
+          f'--ckpt {os.path.join(args.log_dir, "phase2.pt")} --exit_layer {p1} --thresholds {threshold!r}):')
     print_rows(rows, ['model', 'steps', 'ppl', 'hard_ppl', 'easy_ppl', 'accuracy', 'deep_rate', 'compute_cost',
-                      'padded_cost', 'flop_cost', 'seconds'])
+                      'flop_cost'])
     ashem, base1, phase1 = rows[3], rows[0], rows[2]
     print(f'hard PPL: {ashem["hard_ppl"] / phase1["hard_ppl"] - 1:+.1%} vs phase 1 alone, '
           f'{ashem["hard_ppl"] / base1["hard_ppl"] - 1:+.1%} vs the {p1}-layer baseline, '
