@@ -684,10 +684,114 @@ def test_ctm_short_training_lowers_the_loss():
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
 
 
+def read_apng_independently(data):
+    """Chunks (CRCs checked) -> (acTL, [(fcTL fields, frame)]), frames decoded from IDAT/fdAT by zlib, filter 0."""
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack('>I', data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack('>I', data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xffffffff
+        chunks.append((kind, body))
+        pos += 12 + n
+    kinds = [k for k, _ in chunks]
+    assert kinds[:2] == [b'IHDR', b'acTL'] and kinds[-1] == b'IEND'
+    w, h, depth, colour = struct.unpack('>IIBB', chunks[0][1][:10])
+    assert depth == 8 and colour == 2
+    frames, seqs = [], []
+    for (kind, body), (next_kind, next_body) in zip(chunks, chunks[1:]):
+        if kind != b'fcTL':
+            continue
+        fields = struct.unpack('>IIIIIHHBB', body)
+        seqs.append(fields[0])
+        if next_kind == b'fdAT':
+            seqs.append(struct.unpack('>I', next_body[:4])[0])
+            next_body = next_body[4:]
+        else:
+            assert next_kind == b'IDAT'
+        raw = np.frombuffer(zlib.decompress(next_body), np.uint8).reshape(h, w * 3 + 1)
+        assert (raw[:, 0] == 0).all()
+        frames.append((fields, raw[:, 1:].reshape(h, w, 3)))
+    assert seqs == list(range(len(seqs)))  # fcTL and fdAT share one sequence, from 0
+    return struct.unpack('>II', chunks[1][1]), frames
+
+
+def test_ctm_apng_chunks_decode_back_to_the_frames(tmp_path):
+    frames = [np.random.default_rng(k).integers(0, 256, (5, 7, 3), dtype=np.uint8) for k in range(3)]
+    train.write_apng(str(tmp_path / 'a.png'), frames, delay_ms=120)
+    data = (tmp_path / 'a.png').read_bytes()
+    (n_frames, plays), decoded = read_apng_independently(data)
+    assert (n_frames, plays) == (3, 0) and len(decoded) == 3
+    for (fields, frame), want in zip(decoded, frames):
+        assert fields[1:] == (7, 5, 0, 0, 120, 1000, 0, 0) and np.array_equal(frame, want)
+    assert np.array_equal(decode_png_independently(data[:data.index(b'fdAT') - 4] + data[-12:]), frames[0])
+    with pytest.raises(ValueError, match='write_apng'):
+        train.write_apng(str(tmp_path / 'b.png'), [frames[0], frames[1][:4]])
+
+
+def test_ctm_draw_line_paints_the_hand_computed_pixels():
+    canvas = np.zeros((4, 6, 3), np.uint8)
+    train.draw_line(canvas, 0, 0, 4, 2, (9, 8, 7))  # y = x / 2 rounded half up: 0, 1, 1, 2, 2
+    assert sorted(zip(*np.nonzero(canvas[..., 0]))) == [(0, 0), (1, 1), (1, 2), (2, 3), (2, 4)]
+    assert (canvas[1, 1] == (9, 8, 7)).all()
+    canvas[:] = 0
+    train.draw_line(canvas, 5, 3, 5, -3, (1, 1, 1))  # vertical, partly off the canvas
+    assert sorted(zip(*np.nonzero(canvas[..., 0]))) == [(0, 5), (1, 5), (2, 5), (3, 5)]
+    plot = train.line_plot([[0.0, 1.0]], 20, 30, 0.0, 1.0)  # margin 6: x 6..23, y 13 (value 0) .. 6 (value 1)
+    assert (plot[13, 6] == train.PALETTE[0]).all() and (plot[6, 23] == train.PALETTE[0]).all()
+    assert (plot[15, 10] == 0).all() and (plot[10, 4] == 0).all() and (plot[2, 2] == 255).all()  # axes, background
+
+
+def test_ctm_attention_frames_put_the_weight_where_the_feature_sits():
+    assert train.feature_grid(400, 39, 39) == (20, 20) and train.feature_grid(16, 1, 16) == (1, 16)
+    assert train.feature_grid(12, 30, 40) == (3, 4)
+    picture = np.full((4, 4, 3), 255, np.uint8)
+    attention = np.zeros((2, 3, 4))
+    attention[1, 1:] = 0.25
+    attention[0, :, 3] = 1.0  # tick 0: all heads on feature (1, 1), the picture's lower-right 2x2 pixels
+    attention[1, 0, 0] = 1.0  # tick 1: one head on feature (0, 0), the others uniform
+    frames = train.attention_frames(picture, attention, np.array([0.25, 1.0]), scale=2)
+    first, second = frames[0][:8], frames[1][:8]
+    blue = lambda block: np.abs(block - (0.3 * 255 + 0.7 * np.array(train.HEAT))).max() <= 0.5  # 70% over white
+    assert blue(first[4:, 4:]) and (first[:4] == 255).all() and (first[:, :4] == 255).all()
+    assert blue(second[:4, :4]) and (second[4:] == 255).all() and (second[:, 4:] == 255).all()
+    bars = frames[0][8:]  # tick bar half full (tick 1 of 2), certainty bar a quarter full
+    assert (bars[1, :4] == 110).all() and (bars[1, 4:] == 255).all()
+    assert (bars[5, :2] == (40, 170, 40)).all() and (bars[5, 2:] == 255).all()
+
+
 CTM_TINY = ['--d_model', '16', '--d_input', '8', '--heads', '2', '--iterations', '2', '--synapse_depth', '2',
             '--memory_length', '3', '--memory_hidden_dims', '2', '--n_synch_out', '4', '--n_synch_action', '4',
             '--backbone_type', 'conv', '--maze_size', '7', '--maze_route_length', '4', '--batch_size', '4',
             '--n_test', '8', '--track_every', '3', '--log_every', '1', '--device', 'cpu']
+
+
+def test_ctm_pictures_while_training_and_from_a_checkpoint(tmp_path, capsys):
+    """--visualize_every writes the four pictures per example into LOG_DIR/think/stepN/, the animation one frame a
+    tick; --visualize --ckpt rebuilds the model from the checkpoint's flags alone (images and parity too)."""
+    log_dir = tmp_path / 'run'
+    train.main(['ctm', *CTM_TINY, '--training_iterations', '2', '--visualize_every', '2', '--n_pngs', '2',
+                '--log_dir', str(log_dir)])
+    think = log_dir / 'think' / 'step2'
+    assert sorted(os.listdir(think)) == sorted(f'example{b}_{kind}.png' for b in range(2)
+                                               for kind in ('route', 'attention', 'ticks', 'neurons'))
+    (n_frames, _), frames = read_apng_independently((think / 'example0_attention.png').read_bytes())
+    assert n_frames == 2 and frames[0][1].shape[1] == 7 * (320 // 7)  # one frame per tick, the maze scaled up
+    for name in os.listdir(think):
+        os.remove(think / name)
+    written = train.main(['ctm', '--visualize', '--ckpt', str(log_dir / 'ckpt.pt'), '--n_pngs', '1'])
+    assert sorted(written) == sorted(str(think / f'example0_{k}.png') for k in ('route', 'attention', 'ticks',
+                                                                                 'neurons'))
+    assert 'wrote 4 pictures of 1 held-out examples' in capsys.readouterr().out
+    for task, flags in (('images', ['--image_size', '8']), ('parity', ['--backbone_type', 'parity_backbone',
+                                                                       '--parity_sequence_length', '4'])):
+        run = tmp_path / task
+        train.main(['ctm', *CTM_TINY, '--task', task, *flags, '--training_iterations', '1', '--track_every', '0',
+                    '--log_dir', str(run)])
+        written = train.main(['ctm', '--visualize', '--log_dir', str(run), '--n_pngs', '1'])
+        assert len(written) == 3 and all(os.path.exists(p) for p in written)  # no route outside mazes
+    with pytest.raises(SystemExit, match='--visualize: no checkpoint at'):
+        train.main(['ctm', '--visualize', '--log_dir', str(tmp_path / 'nothing')])
 
 
 def test_ctm_train_cli_resume_and_refusals(tmp_path):
@@ -2668,7 +2772,8 @@ BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it mus
         ('--track_every', '-1', '0'), ('--n_test', '0', '1'), ('--dataset', 'mazes-tiny', 'mazes-large'),
         ('--maze_size', '8', '9'), ('--maze_size', '3', '5'), ('--maze_route_length', '0', '1'),
         ('--cirriculum_lookahead', '0', '1'), ('--n_pngs', '-1', '0'), ('--parity_sequence_length', '0', '1'),
-        ('--data_root', 'MISSING', 'DIR'), ('--image_size', '0', '1')],
+        ('--data_root', 'MISSING', 'DIR'), ('--image_size', '0', '1'), ('--ckpt', 'MISSING', 'FILE'),
+        ('--visualize_every', '-1', '0')],
     'lash': COMMON_FLAGS + LASH_MODEL_FLAGS + [
         ('--num_layers', '0', '1'), ('--routing_threshold', '1.5', '1'), ('--exit_layer', '0', '1'),
         ('--patience', '0', '1'), ('--ckpt', 'MISSING', 'FILE'), ('--max_new_tokens', '0', '1'),

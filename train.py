@@ -276,17 +276,42 @@ def write_file_atomic(path, data):
             os.remove(tmp)
 
 
-def write_png(path, image):
-    """uint8 (H, W) grey or (H, W, 3) RGB -> PNG file, stdlib only (filter 0 on every row)."""
+def _png_encode(image, who='write_png'):
+    """uint8 (H, W) grey or (H, W, 3) RGB -> (IHDR body, zlib-compressed rows with filter 0)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"write_png: image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+        raise ValueError(f"{who}: image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    colour = 0 if image.ndim == 2 else 2
     rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, -1)], axis=1)
-    data = (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, colour, 0, 0, 0))
-            + _png_chunk(b'IDAT', zlib.compress(rows.tobytes(), 6)) + _png_chunk(b'IEND', b''))
-    write_file_atomic(path, data)
+    return struct.pack('>IIBBBBB', w, h, 8, 0 if image.ndim == 2 else 2, 0, 0, 0), zlib.compress(rows.tobytes(), 6)
+
+
+def write_png(path, image):
+    """uint8 (H, W) grey or (H, W, 3) RGB -> PNG file, stdlib only (filter 0 on every row)."""
+    header, data = _png_encode(image)
+    write_file_atomic(path, b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header) + _png_chunk(b'IDAT', data)
+                      + _png_chunk(b'IEND', b''))
+
+
+def write_apng(path, frames, delay_ms=150):
+    """Equal-sized uint8 frames -> an animated PNG that loops (APNG: acTL, then per frame an fcTL and its data, the
+    first frame's in IDAT so that viewers without APNG show it, the rest in fdAT chunks numbered in one sequence)."""
+    if not frames or any(np.shape(f) != np.shape(frames[0]) for f in frames):
+        raise ValueError(f"write_apng: expected one or more frames of one shape, got {[np.shape(f) for f in frames]}")
+    encoded = [_png_encode(f, 'write_apng') for f in frames]
+    w, h = struct.unpack('>II', encoded[0][0][:8])
+    out, seq = [b'\x89PNG\r\n\x1a\n', _png_chunk(b'IHDR', encoded[0][0]),
+                _png_chunk(b'acTL', struct.pack('>II', len(frames), 0))], 0
+    for i, (_, data) in enumerate(encoded):
+        out.append(_png_chunk(b'fcTL', struct.pack('>IIIIIHHBB', seq, w, h, 0, 0, delay_ms, 1000, 0, 0)))
+        seq += 1
+        if i == 0:
+            out.append(_png_chunk(b'IDAT', data))
+        else:
+            out.append(_png_chunk(b'fdAT', struct.pack('>I', seq) + data))
+            seq += 1
+    out.append(_png_chunk(b'IEND', b''))
+    write_file_atomic(path, b''.join(out))
 
 
 def _unfilter_png(raw, h, w, channels):
@@ -652,6 +677,12 @@ def add_ctm_args(p):
     g.add_argument('--data_root', type=existing_dir, help='images: an ImageFolder directory or CIFAR-10 python pickles '
                    '(default: a generated set)')
     g.add_argument('--image_size', type=positive_int, default=16, help='images are resized to this (generated/folder)')
+    g = p.add_argument_group('pictures (per-tick attention, routes, neurons, certainty; README)')
+    g.add_argument('--visualize', action='store_true', help='only write the pictures of a checkpoint\'s model for '
+                   '--n_pngs held-out examples, beside it in think/stepN/ (model flags come from the checkpoint)')
+    g.add_argument('--ckpt', type=existing_file, help='the checkpoint --visualize reads (default LOG_DIR/ckpt.pt)')
+    g.add_argument('--visualize_every', type=nonneg_int, default=0, help='while training: pictures every N steps '
+                   'into LOG_DIR/think/stepN/ (0: never)')
 
 
 def resolve_ctm_args(args):
@@ -799,6 +830,193 @@ def write_maze_pngs(args, step, images, predicted, targets, scale=8):
         write_png(os.path.join(args.log_dir, f'maze_step{step}_{k}_{"solved" if solved[i] else "unsolved"}.png'), big)
 
 
+# ctm pictures: watch it think. `train.py ctm --visualize [--ckpt CKPT]` (or --visualize_every N while training)
+# traces a few held-out examples tick by tick (plastic.ctm_trace) and writes, into LOG_DIR/think/stepN/:
+#   exampleK_route.png      mazes: the true route (green) under the route predicted at the most certain tick
+#                           (orange; blue where it runs into a wall)
+#   exampleK_attention.png  an animated PNG, one frame per tick: the attention (mean over heads, upsampled from the
+#                           feature map) in blue over the input, the route predicted at that tick (mazes), and two
+#                           bars at the bottom: the tick (grey) and the certainty (green)
+#   exampleK_ticks.png      the same frames for up to 16 ticks as one grid (for viewers without APNG)
+#   exampleK_neurons.png    the post-activations of the 6 neurons that move most over the ticks (top) and the
+#                           certainty per tick on [0, 1] with the most certain tick marked (bottom)
+# Drawn into numpy arrays (no plotting library) and written by the stdlib PNG writer above.
+
+PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                    (227, 119, 194), (23, 190, 207)], np.uint8)
+HEAT = (30, 90, 255)  # attention; the maze's start is red, its goal green, routes orange/light green
+
+
+def draw_line(canvas, x0, y0, x1, y1, colour):
+    """Paint the pixels of the segment (x0, y0)-(x1, y1) (column, row; floats allowed): one pixel per step along
+    the longer axis, the other coordinate rounded half up. Pixels off the canvas are skipped."""
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs = np.floor(np.linspace(x0, x1, n) + 0.5).astype(int)
+    ys = np.floor(np.linspace(y0, y1, n) + 0.5).astype(int)
+    keep = (xs >= 0) & (xs < canvas.shape[1]) & (ys >= 0) & (ys < canvas.shape[0])
+    canvas[ys[keep], xs[keep]] = colour
+
+
+def line_plot(series, height, width, lo=None, hi=None, colours=PALETTE, margin=6):
+    """series (n, T) -> uint8 (height, width, 3): one polyline per row on a white canvas with left and bottom axes,
+    x = tick, y scaled from [lo, hi] (default: the data's range); a grey line at y = 0 when it is in range."""
+    series = np.asarray(series, np.float64)
+    lo = series.min() if lo is None else lo
+    hi = series.max() if hi is None else hi
+    hi = hi if hi > lo else lo + 1
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x = lambda t: margin + t * (width - 2 * margin - 1) / max(series.shape[1] - 1, 1)
+    y = lambda v: height - 1 - margin - (v - lo) * (height - 2 * margin - 1) / (hi - lo)
+    if lo < 0 < hi:
+        draw_line(canvas, margin, y(0), width - margin, y(0), (200, 200, 200))
+    draw_line(canvas, margin - 2, height - margin + 1, width - margin, height - margin + 1, (0, 0, 0))
+    draw_line(canvas, margin - 2, margin, margin - 2, height - margin + 1, (0, 0, 0))
+    for k, row in enumerate(series):
+        for t in range(len(row) - 1):
+            draw_line(canvas, x(t), y(row[t]), x(t + 1), y(row[t + 1]), colours[k % len(colours)])
+    return canvas
+
+
+def feature_grid(s, h, w):
+    """The (rows, cols) of a feature map of s positions over an h x w input: the factor pair nearest its aspect."""
+    rows = min((r for r in range(1, s + 1) if s % r == 0), key=lambda r: abs(math.log(r * r / s * w / h)))
+    return rows, s // rows
+
+
+def input_pictures(x):
+    """The model's inputs as uint8 pictures (B, H, W, 3): images in [-1, 1], or ±1 sequences (B, L) as a row of
+    white (+1) and black (-1) pixels."""
+    x = x.float().cpu()
+    if x.dim() == 2:
+        return np.repeat((x[:, None, :, None] > 0).numpy().astype(np.uint8) * 255, 3, axis=3)
+    return ((x.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+
+
+def upsample(image, scale):
+    return np.repeat(np.repeat(image, scale, 0), scale, 1)
+
+
+def paint_cells(big, cells, scale, colour, inset):
+    """Fill the inner part (`inset` pixels in from each side) of the scaled-up pixels `cells` (row, col)."""
+    for r, c in cells:
+        big[r * scale + inset:(r + 1) * scale - inset, c * scale + inset:(c + 1) * scale - inset] = colour
+
+
+def maze_route_picture(image, predicted, target, scale):
+    """The maze with the true route (green) under the predicted one (orange, blue at a wall it runs into)."""
+    import plastic
+    big = upsample(image, scale)
+    paint_cells(big, plastic.walk_route(image, target)[1:-1], scale, (120, 220, 120), 0)
+    path = plastic.walk_route(image, predicted)
+    paint_cells(big, path[1:], scale, (255, 150, 0), scale // 4)
+    if len(path) - 1 < (np.asarray(predicted) != plastic.WAIT).sum():
+        paint_cells(big, path[-1:], scale, (0, 90, 255), scale // 4)
+    return big
+
+
+def attention_frames(picture, attention, certainty, scale, routes=None):
+    """picture uint8 (H, W, 3), attention (T, heads, S), certainty (T,) -> T frames: each tick's attention (mean over
+    heads, scaled from its lowest to its highest weight: uniform attention shows nothing) upsampled onto the picture
+    in blue, the tick's predicted route (a list of (row, col) per tick, mazes) in orange, and two bars below: tick
+    (grey) and certainty (green)."""
+    H, W = picture.shape[:2]
+    rows, cols = feature_grid(attention.shape[-1], H, W)
+    big = upsample(picture, scale).astype(np.float64)
+    ys, xs = np.arange(H * scale) * rows // (H * scale), np.arange(W * scale) * cols // (W * scale)
+    frames = []
+    for t, weights in enumerate(attention.mean(1)):
+        heat = (weights - weights.min()) / max(weights.max() - weights.min(), 1e-12)
+        heat = heat.reshape(rows, cols)[ys][:, xs][..., None]
+        frame = (big * (1 - 0.7 * heat) + np.array(HEAT) * 0.7 * heat).round().astype(np.uint8)
+        if routes is not None:
+            paint_cells(frame, routes[t], scale, (255, 150, 0), scale * 3 // 8)
+        bars = np.full((2 * max(scale // 2, 3) + 2, W * scale, 3), 255, np.uint8)
+        thick = max(scale // 2, 3)
+        bars[1:1 + thick, :round(W * scale * (t + 1) / len(attention))] = (110, 110, 110)
+        bars[2 + thick:2 + 2 * thick, :round(W * scale * float(certainty[t]))] = (40, 170, 40)
+        frames.append(np.concatenate([frame, bars]))
+    return frames
+
+
+def tick_grid(frames, most=16, per_row=4, gap=4):
+    """Up to `most` frames, evenly spaced over the ticks (first and last included), tiled `per_row` to a row."""
+    picks = sorted(set(np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int).tolist()))
+    h, w = frames[0].shape[:2]
+    n_rows = -(-len(picks) // per_row)
+    grid = np.full((n_rows * (h + gap) - gap, min(len(picks), per_row) * (w + gap) - gap, 3), 255, np.uint8)
+    for k, t in enumerate(picks):
+        r, c = divmod(k, per_row)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = frames[t]
+    return grid
+
+
+def neurons_picture(post, certainty, width=480, neurons=6):
+    """post-activations (T, D), certainty (T,) -> the `neurons` neurons that vary most over ticks (top) and the
+    certainty on [0, 1] with a vertical line at its most certain tick (bottom)."""
+    picked = np.argsort(-post.std(0), kind='stable')[:neurons]
+    top = line_plot(post[:, picked].T, 200, width)
+    bottom = line_plot(certainty[None], 100, width, 0.0, 1.0, colours=PALETTE[2:3])
+    best = 6 + int(np.argmax(certainty)) * (width - 13) / max(len(certainty) - 1, 1)
+    draw_line(bottom, best, 6, best, 93, (214, 39, 40))
+    return np.concatenate([top, np.full((8, width, 3), 255, np.uint8), bottom])
+
+
+def write_ctm_pictures(params, buffers, cfg, task, x, y, out_dir):
+    """Trace the examples x (held out) and write the pictures described above into out_dir -> the paths written."""
+    import plastic
+    with torch.no_grad():
+        tr = {k: v.float().cpu().numpy() for k, v in plastic.ctm_trace(params, buffers, x, cfg).items()}
+    os.makedirs(out_dir, exist_ok=True)
+    pictures = input_pictures(x)
+    scale = max(2, 320 // max(pictures.shape[1:3]))
+    certain = tr['certainties'][..., 1]  # (T, B)
+    written = []
+    for b in range(len(x)):
+        stem = os.path.join(out_dir, f'example{b}')
+        routes = None
+        if task == 'mazes':
+            moves = tr['predictions'][:, b].reshape(len(certain), *cfg.prediction_reshaper).argmax(-1)  # (T, R)
+            routes = [plastic.walk_route(pictures[b], m)[1:] for m in moves]
+            write_png(f'{stem}_route.png', maze_route_picture(pictures[b], moves[certain[:, b].argmax()],
+                                                              y[b].tolist(), scale))
+            written.append(f'{stem}_route.png')
+        frames = attention_frames(pictures[b], tr['attention'][:, b], certain[:, b], scale, routes)
+        write_apng(f'{stem}_attention.png', frames)
+        write_png(f'{stem}_ticks.png', tick_grid(frames))
+        write_png(f'{stem}_neurons.png', neurons_picture(tr['post_activations'][:, b], certain[:, b]))
+        written += [f'{stem}_attention.png', f'{stem}_ticks.png', f'{stem}_neurons.png']
+    return written
+
+
+CTM_PICTURE_ARGS = ('maze_size', 'image_size', 'data_root', 'seed')  # with CTM_MODEL_ARGS: the checkpoint's
+
+
+def ctm_visualize(args, device):
+    """--visualize: the pictures of a checkpoint's model for the first --n_pngs held-out examples of its task (the
+    model and task flags are the checkpoint's), into think/stepN/ beside the checkpoint."""
+    import plastic
+    path = args.ckpt or checkpoint_path(args)
+    if not os.path.isfile(path):
+        raise SystemExit(f'train.py ctm --visualize: no checkpoint at {path} (give --ckpt CKPT or the run\'s --log_dir)')
+    saved = read_checkpoint(path).get('args', {})
+    for name in CTM_MODEL_ARGS + CTM_PICTURE_ARGS:
+        if name in saved:
+            setattr(args, name, saved[name])
+    fields, _, (test_x, test_y, *_), _ = ctm_task(args)
+    cfg = ctm_config(args, fields)
+    params, buffers = plastic.init_ctm(cfg, make_generator(args.seed))
+    try:
+        step = load_checkpoint(path, params, buffers)['step']
+    except ValueError as e:
+        raise SystemExit(f'train.py ctm --visualize: {e}')
+    params, buffers = tree_to(params, device), tree_to(buffers, device)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), 'think', f'step{step}')
+    written = write_ctm_pictures(params, buffers, cfg, args.ctm_task, test_x[:args.n_pngs].to(device),
+                                 test_y[:args.n_pngs], out_dir)
+    print(f'wrote {len(written)} pictures of {min(args.n_pngs, len(test_x))} held-out examples to {out_dir}')
+    return written
+
+
 def ctm_answer(predictions, chosen, cfg):
     """The class predicted at each example's most certain tick: (B,) for images, (B, steps) for mazes/parity."""
     picked = predictions[torch.arange(len(chosen), device=chosen.device), :, chosen]  # (B, out_dims)
@@ -901,6 +1119,8 @@ def run_ctm(args):
         raise SystemExit(f'train.py ctm {e}')
     if device.type == 'cuda':
         torch.set_float32_matmul_precision('high')
+    if args.visualize:
+        return ctm_visualize(args, device)
     gen = make_generator(args.seed)
     fields, train_batch, test, task_loss = ctm_task(args, rank)
     if args.count_params:
@@ -936,6 +1156,9 @@ def run_ctm(args):
         set_lr(opt, lr)
         x, y = (torch.as_tensor(t).to(device, non_blocking=True) for t in batch(step))
         loss, accuracy = train_step(x, y).tolist()
+        if args.visualize_every and (step + 1) % args.visualize_every == 0 and rank == 0:
+            write_ctm_pictures(params, buffers, cfg, args.ctm_task, test[0][:args.n_pngs].to(device),
+                               test[1][:args.n_pngs], os.path.join(args.log_dir, 'think', f'step{step + 1}'))
         metrics = {'loss': loss, 'acc': accuracy, 'lr': lr}
         if device.type == 'cuda':
             metrics['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
