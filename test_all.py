@@ -1152,7 +1152,7 @@ def test_hyper_train_cli_use_hyper_runs_and_flags_are_checked(tmp_path):
     # a checkpoint from before the readable hypernetworks (three heads packed in one Linear 'heads') is refused
     saved['params'] = {k: v for k, v in train.flatten(saved['params']).items() if '.head_' not in k}
     saved['params']['synapses.down.2.lin.hyper.heads.weight'] = torch.zeros(1)
-    torch.save(saved, tmp_path / 'ckpt.pt')
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), saved)
     old = run_train('ctm', '--use_hyper', '--use_hyper_nlm', '--training_iterations', '3', '--iterations', '3',
                     '--batch_size', '4', '--n_test', '4', '--log_dir', str(tmp_path), '--resume')
     assert old.returncode != 0 and "'synapses.down.2.lin.hyper.head_u.weight' is missing" in old.stderr, old.stderr
@@ -2403,7 +2403,7 @@ def test_hpcm_cli_compresses_and_decompresses_files(tmp_path, capsys):
     assert 'in.png (70x37) -> ' in capsys.readouterr().out
     (tmp_path / 'bad.hpcm').write_bytes(b'HPCM' + bytes(40))
     (tmp_path / 'other.pt').write_bytes(b'not a checkpoint')
-    torch.save({'params': {}, 'step': 0}, str(tmp_path / 'ctm.pt'))
+    train.save_checkpoint(str(tmp_path / 'ctm.pt'), {'params': {}, 'step': 0})
     cases = [(['--decompress', str(tmp_path / 'bad.hpcm'), str(tmp_path / 'o.png'), '--ckpt', model], 'bitstream'),
              (['--decompress', str(tmp_path / 'nothing'), str(tmp_path / 'o.png'), '--ckpt', model], 'nothing'),
              (['--compress', str(tmp_path / 'bad.hpcm'), str(tmp_path / 'o.hpcm'), '--ckpt', model], 'bad.hpcm'),
@@ -2717,7 +2717,7 @@ class RunsCode:
 def test_reliab_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     marker, path = tmp_path / 'ran', str(tmp_path / 'ckpt.pt')
     torch.save({'params': {}, 'step': 1, 'args': RunsCode(marker)}, path)
-    with pytest.raises(train.BadFile, match=r'ckpt.pt: refused.*mkdir'):
+    with pytest.raises(train.BadFile, match=r'ckpt.pt: refused.*asks for posix.mkdir'):
         train.load_checkpoint(path, {})
     with pytest.raises(SystemExit) as e:
         train.main(['hpcm', '--device', 'cpu', '--eval', path, '--log_dir', str(tmp_path / 'eval')])
@@ -2842,3 +2842,92 @@ def test_reliab_bad_data_names_the_file_and_writes_no_checkpoint(tmp_path, capsy
         assert e.value.code == 2 and capsys.readouterr().err.startswith('train.py ctm: error: --data_root')
         (tmp_path / 'few' / 'a' / '0.png').write_bytes(b'\x89PNG but not really')
     assert not (tmp_path / 'run').exists()
+
+
+def same_content(a, b):
+    """Independent of payload_digest: equal keys, values, and tensors equal in dtype, shape and every bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same_content(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_content(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and a.detach().numpy().tobytes() == b.detach().numpy().tobytes())
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')  # a flipped bit can name another protocol
+def test_reliab_every_single_bit_flip_is_refused_or_harmless(tmp_path):
+    import io
+    params, opt = tiny_model()
+    (params['layer']['w'].sum() ** 2).backward()
+    opt.step()
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_checkpoint(path, {'params': params, 'opt': opt.state_dict(), 'step': 3, 'args': {'lr': 0.01}})
+    data = (tmp_path / 'ckpt.pt').read_bytes()
+    original = train.read_checkpoint(path)
+    refused = silently_wrong_without_checksum = 0
+    for i in range(len(data)):  # every byte, one bit each
+        damaged = bytearray(data)
+        damaged[i] ^= 1 << (i % 8)
+        try:
+            loaded = train.read_checkpoint(io.BytesIO(bytes(damaged)))
+        except train.BadFile:
+            refused += 1
+            try:
+                raw = torch.load(io.BytesIO(bytes(damaged)), weights_only=True)
+                raw.pop('sha256', None)
+                silently_wrong_without_checksum += not same_content(raw, original)
+            except Exception:
+                pass
+            continue
+        assert same_content(loaded, original), f'byte {i}: a damaged file loaded different content'
+    assert refused > len(data) // 3 and silently_wrong_without_checksum > 10
+    with pytest.raises(train.BadFile, match=r'ckpt.pt: damaged'):
+        tensor_at = data.index(params['layer']['w'].detach().numpy().tobytes())
+        (tmp_path / 'ckpt.pt').write_bytes(data[:tensor_at] + bytes([data[tensor_at] ^ 1]) + data[tensor_at + 1:])
+        train.load_checkpoint(path, tiny_model()[0])
+    torch.save({'params': {}, 'step': 0}, path)
+    with pytest.raises(train.BadFile, match=r'ckpt.pt: has no checksum'):
+        train.read_checkpoint(path)
+
+
+def reliab_tiny_runs(tmp_path):
+    """task -> the argv of a tiny run of it (seconds on a CPU), without --log_dir."""
+    text = tmp_path / 'text.txt'
+    text.write_text(' '.join(f'word{i % 37} is {i % 7}.' for i in range(400)))
+    lash_common = ['--data', str(text), '--seq_len', '16', '--batch_size', '8', '--dim', '16', '--max_epochs', '1',
+                   '--device', 'cpu', '--training_iterations', '2']
+    return {'ctm': ['ctm', *CTM_TINY, '--training_iterations', '2', '--n_pngs', '0'],
+            'lash': ['lash', *lash_common, '--num_layers', '2'],
+            'ashem': ['ashem', *lash_common],
+            'hpcm': ['hpcm', '--device', 'cpu', '--phase', '0', '--num_images', '2', '--eval_images', '1',
+                     '--eval_size', '64', '64', '--batch_size', '2', '--eval_every', '0', '--training_iterations', '2']}
+
+
+def test_reliab_log_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
+    runs = reliab_tiny_runs(tmp_path)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    for task, first in (('ctm', 'ckpt.pt'), ('lash', 'train.pt'), ('ashem', 'phase1.pt'), ('hpcm', 'ckpt.pt')):
+        log_dir = tmp_path / task
+        os.makedirs(log_dir)
+        (log_dir / first).write_bytes(b'an earlier run')
+        (log_dir / f'{first}.tmp.{dead.pid}').write_bytes(b'a save killed midway')
+        (log_dir / f'{first}.tmp.{os.getpid()}').write_bytes(b'a save under way')
+        with pytest.raises(SystemExit, match=rf'--log_dir .*{task} holds checkpoint\(s\).*\({first}\): add --resume'):
+            train.main([*runs[task], '--log_dir', str(log_dir)])
+        capsys.readouterr()
+        assert (log_dir / first).read_bytes() == b'an earlier run'
+        assert sorted(os.listdir(log_dir)) == [first, f'{first}.tmp.{os.getpid()}']  # the killed save's file gone
+        with pytest.raises(SystemExit, match=rf'{first}: cannot be read'):  # --resume reads it: damaged, one line
+            train.main([*runs[task], '--log_dir', str(log_dir), '--resume'])
+        err = capsys.readouterr().err
+        assert err.startswith(f'train.py {task}') and err.count('\n') == 1 and 'Traceback' not in err
+    capsys.readouterr()
+    train.main([*runs['lash'], '--log_dir', str(tmp_path / 'lash'), '--overwrite'])
+    assert '--overwrite: deleted train.pt' in capsys.readouterr().out
+    assert train.read_checkpoint(str(tmp_path / 'lash' / 'train.pt'))['step'] == 2
+    with pytest.raises(SystemExit) as e:
+        train.main([*runs['lash'], '--log_dir', str(tmp_path / 'lash'), '--overwrite', '--resume'])
+    assert e.value.code == 2 and 'not allowed with argument' in capsys.readouterr().err

@@ -14,10 +14,12 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import struct
 import sys
 import time
@@ -115,9 +117,36 @@ def checkpoint_plain(value, key='payload'):
                     "strings, lists and dicts")
 
 
+def payload_digest(value):
+    """sha256 over a checkpoint payload's content: every key, number and string (type and repr) and every tensor
+    (dtype, shape, bytes), in order. Stored in the file as 'sha256' and checked on load."""
+    h = hashlib.sha256()
+
+    def feed(v):
+        if isinstance(v, dict):
+            h.update(b'{%d' % len(v))
+            for k, x in v.items():
+                feed(k)
+                feed(x)
+        elif isinstance(v, (list, tuple)):
+            h.update(b'[%d' % len(v))
+            for x in v:
+                feed(x)
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f'T{t.dtype}{tuple(v.shape)}'.encode())
+            h.update(t.view(torch.uint8).numpy())
+        else:
+            h.update(f'{type(v).__name__}:{v!r};'.encode())
+    feed(value)
+    return h.hexdigest()
+
+
 def save_checkpoint(path, payload):
-    """Write to a temporary file in the same folder, then rename: a crash mid-write leaves the old file intact."""
-    payload = checkpoint_plain(payload)
+    """Write payload and its sha256 to a temporary file in the same folder, then rename: a crash mid-write leaves
+    the old file intact."""
+    payload = checkpoint_plain({k: v for k, v in payload.items() if k != 'sha256'})
+    payload['sha256'] = payload_digest(payload)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
@@ -133,20 +162,25 @@ def save_checkpoint(path, payload):
 
 def read_checkpoint(path):
     """A checkpoint file's payload, read with torch.load(weights_only=True): only tensors, numbers, strings, lists
-    and dicts are built, so a crafted file cannot run code. BadFile names the file if it cannot be used."""
+    and dicts are built, so a crafted file cannot run code; then its sha256 is checked, so a damaged file is refused.
+    BadFile names the file."""
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message is a paragraph: keep its line that says what failed
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        what = lines[-2] if len(lines) > 2 else lines[0]
-        if 'GLOBAL' in what:
+        if found := re.search(r'GLOBAL ([\w.]+)', str(e)):
             raise BadFile(f"checkpoint {path}: refused, it holds more than tensors, numbers, strings, lists and "
-                          f"dicts ({what})") from None
-        raise BadFile(f"checkpoint {path}: cannot be read ({what})") from None
+                          f"dicts (it asks for {found[1]})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise BadFile(f"checkpoint {path}: cannot be read ({lines[-2] if len(lines) > 2 else lines[0]})") from None
     except Exception as e:
         raise BadFile(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or 'params' not in payload or 'step' not in payload:
         raise BadFile(f"checkpoint {path}: not a checkpoint of this project (no 'params'/'step')")
+    stored = payload.pop('sha256', None)
+    if stored is None:
+        raise BadFile(f"checkpoint {path}: has no checksum (not written by this version of train.py)")
+    if stored != payload_digest(payload):
+        raise BadFile(f"checkpoint {path}: damaged, its content does not match its sha256")
     return payload
 
 
@@ -155,14 +189,14 @@ def load_into(saved, tree, what):
     saved_flat, live_flat = flatten(saved), flatten(tree)
     for key in list(live_flat) + [k for k in saved_flat if k not in live_flat]:
         if key not in saved_flat:
-            raise ValueError(f"checkpoint {what}: key {key!r} is missing from the checkpoint")
+            raise BadFile(f"checkpoint {what}: key {key!r} is missing from the checkpoint")
         if key not in live_flat:
-            raise ValueError(f"checkpoint {what}: unexpected key {key!r} that this model does not have")
+            raise BadFile(f"checkpoint {what}: unexpected key {key!r} that this model does not have")
         s, t = saved_flat[key], live_flat[key]
         if isinstance(t, torch.Tensor):
             if not isinstance(s, torch.Tensor) or s.shape != t.shape:
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-                raise ValueError(f"checkpoint {what}: {key!r} has shape {got}, the model expects {tuple(t.shape)}")
+                raise BadFile(f"checkpoint {what}: {key!r} has shape {got}, the model expects {tuple(t.shape)}")
             with torch.no_grad():
                 t.copy_(s.to(t.device, t.dtype))
 
@@ -175,18 +209,60 @@ def load_checkpoint(path, params, buffers=None, opt=None, args=None, must_match=
     saved_args = payload.get('args', {})
     for name in must_match:
         if args is not None and name in saved_args and saved_args[name] != getattr(args, name, None):
-            raise ValueError(f"checkpoint {path}: it was trained with --{name} {saved_args[name]!r}, "
-                             f"this run asks for {getattr(args, name, None)!r}")
-    load_into(payload['params'], params, 'params')
+            raise BadFile(f"checkpoint {path}: it was trained with --{name} {saved_args[name]!r}, "
+                          f"this run asks for {getattr(args, name, None)!r}")
+    load_into(payload['params'], params, f'{path} params')
     if buffers is not None:
-        load_into(payload.get('buffers', {}), buffers, 'buffers')
+        load_into(payload.get('buffers', {}), buffers, f'{path} buffers')
     if opt is not None and payload.get('opt') is not None:
-        opt.load_state_dict(payload['opt'])
+        try:
+            opt.load_state_dict(payload['opt'])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadFile(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from None
     return payload
 
 
 def checkpoint_path(args):
     return os.path.join(args.log_dir, 'ckpt.pt')
+
+
+def claim_log_dir(args):
+    """Before a training run writes into --log_dir: delete the temporary files of saves that were killed (their
+    process is gone), and refuse to start over checkpoints of an earlier run unless --resume or --overwrite."""
+    if not os.path.isdir(args.log_dir):
+        return
+    names = sorted(os.listdir(args.log_dir))
+    for name in names:
+        stem, _, pid = name.rpartition('.tmp.')
+        if stem.endswith('.pt') and pid.isdigit() and not process_alive(int(pid)):
+            remove_quietly(os.path.join(args.log_dir, name))
+    checkpoints = [name for name in names if name.endswith('.pt')]
+    if not checkpoints or args.resume:
+        return
+    if not args.overwrite:
+        raise SystemExit(f"--log_dir {args.log_dir} holds checkpoint(s) of an earlier run ({', '.join(checkpoints)}): "
+                         "add --resume to continue it, or --overwrite to delete them and start over")
+    for name in checkpoints:
+        remove_quietly(os.path.join(args.log_dir, name))
+    print(f"--overwrite: deleted {', '.join(checkpoints)} in {args.log_dir}", flush=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_quietly(path):
+    """os.remove that lets another process (another data-parallel rank) have removed it first."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 class MetricsLog:
@@ -455,7 +531,10 @@ def add_common_args(p, log_dir, steps, steps_help='training steps'):
     p.add_argument('--seed', type=nonneg_int, default=0)
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     p.add_argument('--log_dir', default=log_dir, help='checkpoints, metrics.jsonl and pictures go here')
-    p.add_argument('--resume', action='store_true', help='continue from the checkpoint(s) in LOG_DIR if there are any')
+    fresh = p.add_mutually_exclusive_group()
+    fresh.add_argument('--resume', action='store_true', help='continue from the checkpoint(s) in LOG_DIR if any')
+    fresh.add_argument('--overwrite', action='store_true',
+                       help='start afresh in a LOG_DIR that holds checkpoints (they are deleted first)')
     p.add_argument('--training_iterations', type=positive_int, default=steps, help=steps_help)
     p.add_argument('--log_every', type=positive_int, default=10)
     p.add_argument('--save_every', type=positive_int, default=500)
@@ -1135,6 +1214,7 @@ def run_ctm(args):
     opt = torch.optim.AdamW(leaves, lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     path = checkpoint_path(args)
     start = 0
+    claim_log_dir(args)
     if args.resume and os.path.exists(path):
         try:
             start = load_checkpoint(path, params, buffers, opt, args, must_match=CTM_MODEL_ARGS)['step']
@@ -1256,6 +1336,7 @@ def lash_setup(args):
         raise SystemExit(f"--data: {e}") from None
     print(f'data: {args.data or "built-in pydoc_data topics"}: {len(train_tokens)} train / {len(val_tokens)} val '
           f'/ {len(test_tokens)} test bytes', flush=True)
+    claim_log_dir(args)
     return device, train_tokens, val, test, to_device
 
 
@@ -1734,6 +1815,7 @@ def run_hpcm(args):
     opt = torch.optim.Adam(tree_leaves(params), lr=args.lr)
     path = checkpoint_path(args)
     start = 0
+    claim_log_dir(args)
     if args.resume and os.path.exists(path):
         start = load_checkpoint(path, params, {}, opt, args, must_match=('phase', 'preset'))['step']
         print(f'resumed from {path} at step {start}', flush=True)
