@@ -5,6 +5,7 @@ absolute times are only quoted from a GPU.
 """
 import argparse
 import json
+import math
 import sys
 
 import train
@@ -395,6 +396,271 @@ def run_ctm(args):
 
 BENCHMARKS['ctm'] = (add_ctm_args, run_ctm, 'CTM training step: eager vs CUDA graph (fp32/bf16), plain and plastic, '
                      'mazes-small')
+
+
+# codec: encode/decode time of compress/decompress, and with --images an RD table against JPEG 4:2:0, WebP and AVIF
+# at equal bpp (Pillow, an optional import used only here).
+
+def add_codec_args(p):
+    p.add_argument('--phases', type=int, nargs='+', default=[0, 3], help='random-weight models of these phases')
+    p.add_argument('--ckpt', nargs='+', default=None, help='trained models (train.py hpcm ckpt.pt/model.pt) instead; '
+                   'several (one per lambda) give an RD curve and BD-rates')
+    p.add_argument('--size', type=int, nargs=2, default=[512, 768], metavar=('H', 'W'), help='timed image size')
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--images', default=None, help='folder of png/ppm photographs: RD table against JPEG/WebP/AVIF')
+    p.add_argument('--device', default='auto', help='cpu, cuda or auto')
+    p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'), help='of the random-weight models')
+    p.add_argument('--out', default=None)
+
+
+def ssim_terms(x, y, window):
+    """Luminance (l) and contrast-structure (cs) maps of SSIM (Wang et al. 2004, data range 1), per channel."""
+    import torch.nn.functional as F
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    blur = lambda t: F.conv2d(t, window, groups=t.shape[1])
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    return (2 * mx * my + C1) / (mx ** 2 + my ** 2 + C1), (2 * cxy + C2) / (vx + vy + C2)
+
+
+def ms_ssim(x, y):
+    """MS-SSIM (Wang, Simoncelli, Bovik 2003) of (1, 3, H, W) images in [0, 1]: 11x11 Gaussian window (σ 1.5),
+    5 scales with the paper's weights, fewer scales where the image is too small for 5."""
+    import torch
+    import torch.nn.functional as F
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum()).to(x.device, x.dtype)
+    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11).contiguous()
+    scales = max(1, min(5, 1 + int(math.log2(min(x.shape[2:]) / 11))))
+    weights = torch.tensor(weights[:scales], dtype=torch.float64)
+    weights /= weights.sum()
+    result = 1.0
+    for s in range(scales):
+        lum, cs = ssim_terms(x, y, window)
+        value = (lum * cs if s == scales - 1 else cs).mean().item()
+        result *= max(value, 1e-8) ** weights[s].item()
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return result
+
+
+def pillow_codecs():
+    """name -> encode(uint8 image, quality) -> bytes, for the codecs this Pillow build has; {} without Pillow."""
+    try:
+        import io
+
+        from PIL import Image, features
+    except ImportError:
+        return {}
+
+    def encoder(fmt, **options):
+        def encode(img, quality):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, fmt, quality=int(quality), **options)
+            return buf.getvalue()
+        return encode
+    codecs = {'jpeg420': encoder('JPEG', subsampling=2, optimize=True)}
+    if features.check('webp'):
+        codecs['webp'] = encoder('WEBP', method=6)
+    if features.check('avif'):
+        codecs['avif'] = encoder('AVIF', subsampling='4:2:0', speed=4)
+    return codecs
+
+
+def decode_pillow(data):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    return np.array(Image.open(io.BytesIO(data)).convert('RGB'))
+
+
+def image_psnr(a, b):
+    import numpy as np
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def codec_curve(encode, img, qualities=range(5, 100, 5)):
+    """(bpp, PSNR, MS-SSIM) of a Pillow codec over its quality range, sorted by bpp."""
+    import torch
+
+    import hpcm
+    points = []
+    x = hpcm.image_to_tensor(img)
+    for q in qualities:
+        data = encode(img, q)
+        out = decode_pillow(data)
+        points.append((8 * len(data) / (img.shape[0] * img.shape[1]), image_psnr(img, out),
+                       ms_ssim(x, hpcm.image_to_tensor(out))))
+    return sorted(points)
+
+
+def at_bpp(curve, bpp):
+    """PSNR and MS-SSIM of a codec curve at a bpp, linearly interpolated between its two neighbouring points (nan
+    outside the curve's range)."""
+    import numpy as np
+    rates = [p[0] for p in curve]
+    if not rates[0] <= bpp <= rates[-1]:
+        return float('nan'), float('nan')
+    return tuple(float(np.interp(bpp, rates, [p[k] for p in curve])) for k in (1, 2))
+
+
+def bd_rate(anchor, test):
+    """Bjøntegaard delta rate (%) of `test` against `anchor`, both lists of (bpp, PSNR): the mean difference of
+    log-rate over the PSNR range both cover, with log-rate interpolated piecewise-linearly in PSNR (needs 2+ points
+    each; the classic cubic fit needs 4). Negative: test needs fewer bits for the same PSNR."""
+    import numpy as np
+    if len(anchor) < 2 or len(test) < 2:
+        return float('nan')
+    curves = [sorted((p, math.log(r)) for r, p in c) for c in (anchor, test)]
+    lo, hi = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    if lo >= hi:
+        return float('nan')
+    grid = np.linspace(lo, hi, 200)
+    a, t = (np.interp(grid, [p for p, _ in c], [r for _, r in c]) for c in curves)
+    return 100 * (math.exp(float(np.mean(t - a))) - 1)
+
+
+def codec_models(args, torch, hpcm, device):
+    """[(name, params, cfg)]: the checkpoints of --ckpt, else random-weight models of --phases."""
+    if args.ckpt:
+        return [(path, *train.load_for_inference(path, device)) for path in args.ckpt]
+    preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
+    models = []
+    for phase in args.phases:
+        cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+        models.append((f'random phase {phase} ({preset})',
+                       train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device), cfg))
+    return models
+
+
+def run_codec(args):
+    """Rows of timings (median of --repeats after one warm-up; the model already on the device, make_coder
+    done once) for one --size image (the first of --images, cropped/padded, else a generated one); then, with
+    --images, one row per image and model with the actual stream's bpp, PSNR, MS-SSIM and exact decode, and
+    each Pillow codec's PSNR/MS-SSIM at that bpp; then BD-rates of the model curve against each codec."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    import hpcm
+    device = train.pick_device(args.device)
+    sync = train.synchronizer(device)
+    H, W = args.size
+    images, names = ([], [])
+    if args.images:
+        images, names = train.hpcm_images(args.images, '--images')
+    timed = images[0] if images else hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(0), H, W))
+    timed = np.pad(timed, ((0, max(0, H - timed.shape[0])), (0, max(0, W - timed.shape[1])), (0, 0)), 'edge')[:H, :W]
+    x = hpcm.image_to_tensor(timed).to(device)
+    rows, models = [], codec_models(args, torch, hpcm, device)
+    for name, params, cfg in models:
+        sync()
+        t0 = time.perf_counter()
+        coder = hpcm.make_coder(params, cfg)
+        sync()
+        setup_s = time.perf_counter() - t0
+        runs = [train.hpcm_code_timed(hpcm, coder, x, sync) for _ in range(args.repeats + 1)][1:]  # 1 warm-up
+        data = runs[-1]['data']
+        rows.append({'model': name, 'image': f'{W}x{H}', 'bytes': len(data), 'bpp': 8 * len(data) / (H * W),
+                     'lanes': 1 << hpcm.HEADER.unpack_from(data)[6], 'exact': all(r['exact'] for r in runs),
+                     **{k: statistics.median(r[k] for r in runs) for k in ('forward_s', 'enc_s', 'dec_s')},
+                     'make_coder_s': setup_s, 'device': str(device)})
+        print(rows[-1], flush=True)
+    codecs = pillow_codecs() if images else {}
+    if images and not codecs:
+        print('Pillow is not installed: RD rows without JPEG/WebP/AVIF', flush=True)
+    ours, curves = {name: [] for name, _, _ in models}, []
+    for img, image_name in zip(images, names):
+        curves.append({c: codec_curve(encode, img) for c, encode in codecs.items()})
+        x = hpcm.image_to_tensor(img).to(device)
+        for name, params, cfg in models:
+            r = train.hpcm_code_timed(hpcm, hpcm.make_coder(params, cfg), x, sync)
+            bpp, decoded = 8 * len(r['data']) / (img.shape[0] * img.shape[1]), r['decoded']
+            out = hpcm.tensor_to_image(decoded)
+            row = {'model': name, 'image': image_name, 'bpp': bpp, 'psnr': image_psnr(img, out),
+                   'ms_ssim': ms_ssim(hpcm.image_to_tensor(img), hpcm.image_to_tensor(out)),
+                   'exact': r['exact']}
+            for c, curve in curves[-1].items():
+                row[f'{c}_psnr'], row[f'{c}_ms_ssim'] = at_bpp(curve, bpp)
+                row[f'gain_vs_{c}_db'] = row['psnr'] - row[f'{c}_psnr']
+            ours[name].append(row)
+            rows.append(row)
+            print(row, flush=True)
+    for name, own in ours.items():  # averages over the images, per model
+        rows.append({'model': name, 'image': 'average', 'exact': all(r['exact'] for r in own),
+                     **{k: float(np.mean([r[k] for r in own])) for k, v in own[0].items() if isinstance(v, float)}})
+    for c in codecs:  # BD-rate of the models' curve (one point per --ckpt) against each codec, averaged over images
+        bd = [bd_rate([p[:2] for p in curves[i][c]], [(own[i]['bpp'], own[i]['psnr']) for own in ours.values()])
+              for i in range(len(images))]
+        rows.append({'model': 'curve of all models', 'image': 'average',
+                     f'bd_rate_vs_{c}_pct': float(np.mean(bd))})
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, '') for k in columns} for r in rows]
+
+
+BENCHMARKS['codec'] = (add_codec_args, run_codec, 'HPCM compress/decompress time; RD vs JPEG/WebP/AVIF (--images)')
+
+
+# codec_train: one training step of train.py hpcm (forward with noise, RD loss, backward, clip, Adam) per phase.
+
+def add_codec_train_args(p):
+    p.add_argument('--phases', type=int, nargs='+', default=[0, 3])
+    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--patch_size', type=int, default=256)
+    p.add_argument('--steps', type=int, default=10, help='timed steps after 3 warm-up steps')
+    p.add_argument('--cudnn_benchmark', type=int, nargs='+', default=[1, 0], help='1: on (train.py hpcm), 0: off')
+    p.add_argument('--device', default='auto', help='cpu, cuda or auto')
+    p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'))
+    p.add_argument('--out', default=None)
+
+
+def run_codec_train(args):
+    """ms per step (wall clock over --steps synchronised steps, one fixed batch) and peak memory, per phase and
+    cuDNN benchmark setting; the step is train.py's hpcm_train_step."""
+    import time
+
+    import torch
+
+    import hpcm
+    device = train.pick_device(args.device)
+    sync = train.synchronizer(device)
+    preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
+    rows = []
+    for bench_flag in args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = bool(bench_flag)
+        for phase in args.phases:
+            cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+            params = train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device, True)
+            opt = torch.optim.Adam(train.tree_leaves(params), lr=1e-4)
+            step_args = argparse.Namespace(lmbda=0.013, clip_max_norm=1.0)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size, generator=gen).to(device)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+            losses = [train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'] for _ in range(3)]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                losses.append(train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'])
+            sync()
+            ms = (time.perf_counter() - t0) / args.steps * 1e3
+            rows.append({'phase': phase, 'cudnn_benchmark': bench_flag, 'batch': args.batch_size,
+                         'patch': args.patch_size, 'ms_per_step': ms,
+                         'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
+                         'params': sum(t.numel() for t in train.tree_leaves(params)), 'loss_first': losses[0],
+                         'loss_last': losses[-1], 'device': str(device)})
+            print(rows[-1], flush=True)
+            del params, opt
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+BENCHMARKS['codec_train'] = (add_codec_train_args, run_codec_train,
+                             'HPCM training step time per phase, cuDNN benchmark on/off')
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import zlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -1046,16 +1047,27 @@ def entropy_tables(params):
 @dataclass
 class Coder:
     """A model ready to code images: its parameters and config, and what compress/decompress derive from them once
-    per loaded model (the fingerprint streams carry, the rANS tables). Build it with make_coder; build it again
-    after the parameters change."""
+    per loaded model (the fingerprint streams carry, the rANS tables) or once per latent size (`positions`: each
+    coding step's coded positions as flat indices on the model's device, so that no step waits for the GPU to find
+    them). Build it with make_coder; build it again after the parameters change."""
     params: dict
     cfg: HPCMConfig
     fingerprint: int
     tables: dict
+    positions: dict = dataclasses.field(default_factory=dict)
 
 
 def make_coder(params, cfg):
     return Coder(params, cfg, model_fingerprint(params), entropy_tables(params))
+
+
+def coded_positions(coder, H, W):
+    """Flat indices into (1, M, h, w) of the 11 steps' coded positions for a latent of H x W, cached per size."""
+    if (H, W) not in coder.positions:
+        device = coder.params['means_hyper'].device
+        coder.positions[H, W] = [mask.reshape(-1).nonzero().squeeze(1).to(device)
+                                 for _, mask in coding_schedule(coder.cfg.M, H, W)]
+    return coder.positions[H, W]
 
 
 def scale_index(scales):
@@ -1112,19 +1124,20 @@ def compress(coder, x):
         values.append(z_q.reshape(-1))
         tables_of.append(torch.arange(N, device=x.device).view(1, N, 1, 1).expand_as(z_q).reshape(-1))
         y_grids = scale_grids(y)
+        positions = coded_positions(coder, *y.shape[2:])
 
         def code_step(step, scale, scales, means, mask):
             q = torch.round((y_grids[scale] - means) * mask)
-            coded = mask.expand_as(q).bool()
-            values.append(q[coded])
-            tables_of.append(N + scale_index(scales[coded]))
+            values.append(q.reshape(-1)[positions[step]])
+            tables_of.append(N + scale_index(scales.reshape(-1)[positions[step]]))
             return dequantize(q, means, mask)
         hpcm_context(params, cfg, transform(params['h_s'], cfg, 'h_s', z_q + params['means_hyper']), code_step)
         values = torch.cat(values).long().cpu().numpy()
         table = torch.cat(tables_of).cpu().numpy()
-    # Each lane's final state costs ~6 bytes; keep that under ~0.6% of the payload, but use as many lanes as that
-    # allows, since numpy's cost is per row of lanes.
-    log2_lanes = int(np.clip(np.log2(max(1.0, ideal_bits(values, table, coder.tables) / 8 / 1000)), 0, 10))
+    # numpy's cost is per row of lanes, and each lane's final state costs ~6 bytes: as many lanes as keep that under
+    # ~1% of the payload, and at least one per 16384 symbols (at most 16384 rows; ~0.004 bpp for a 768x512 image).
+    lanes = max(ideal_bits(values, table, coder.tables) / 8 / 600, len(values) / 16384, 1.0)
+    log2_lanes = int(np.clip(np.log2(lanes), 0, 10))
     _, escaped = symbol_indices(values, table, coder.tables)
     escapes = encode_varints(values[escaped])
     fields = HEADER.pack(BITSTREAM_MAGIC, BITSTREAM_VERSION, cfg.phase, H, W, coder.fingerprint, log2_lanes, 0, 0,
@@ -1182,11 +1195,12 @@ def decompress(coder, data):
         z_q = torch.from_numpy(rans_decode(dec, z_table, coder.tables)).to(device, torch.float32)
         hyper = transform(params['h_s'], cfg, 'h_s', z_q.view(1, N, Hp // 64, Wp // 64) + params['means_hyper'])
 
-        def code_step(step, scale, scales, means, mask):
-            coded = mask.expand_as(means).bool()
+        positions = coded_positions(coder, Hp // 16, Wp // 16)
+
+        def code_step(step, scale, scales, means, mask):  # one transfer each way
+            table = (N + scale_index(scales.reshape(-1)[positions[step]])).cpu().numpy()
             q = torch.zeros_like(means)
-            table = (N + scale_index(scales[coded])).cpu().numpy()
-            q[coded] = torch.from_numpy(rans_decode(dec, table, coder.tables)).to(device, q.dtype)
+            q.view(-1)[positions[step]] = torch.from_numpy(rans_decode(dec, table, coder.tables)).to(device, q.dtype)
             return dequantize(q, means, mask)
         y_hat = hpcm_context(params, cfg, hyper, code_step)
         rans_finish(dec)

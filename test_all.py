@@ -2459,6 +2459,66 @@ def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
     assert ran.returncode == 0 and 'resumed' in ran.stdout and 'step 3/3' in ran.stdout, ran.stderr[-3000:]
 
 
+
+def test_hpcm_bench_ms_ssim_against_window_loop():
+    """One scale (a 16 x 15 image): the mean over every 11x11 window and channel of the SSIM formula with
+    Gaussian weights, computed window by window; and MS-SSIM(x, x) = 1 at 5 scales."""
+    import bench
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 16, 15, generator=gen, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    g = [math.exp(-(i - 5) ** 2 / 4.5) for i in range(11)]
+    w = torch.tensor([[a * b for b in g] for a in g], dtype=torch.float64)
+    w /= w.sum()
+    values = []
+    for c in range(3):
+        for i in range(16 - 10):
+            for j in range(15 - 10):
+                a, b = x[0, c, i:i + 11, j:j + 11], y[0, c, i:i + 11, j:j + 11]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb, cov = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+                values.append((2 * ma * mb + 1e-4) * (2 * cov + 9e-4) / ((ma ** 2 + mb ** 2 + 1e-4) * (va + vb + 9e-4)))
+    assert math.isclose(bench.ms_ssim(x, y), torch.stack(values).mean().item(), rel_tol=1e-9)
+    big = torch.rand(1, 3, 180, 176, generator=gen)
+    assert math.isclose(bench.ms_ssim(big, big), 1.0, rel_tol=1e-6)
+    assert bench.ms_ssim(big, (big + 0.1).clamp(0, 1)) < 0.999
+
+
+def test_hpcm_bench_bd_rate_and_equal_bpp_interpolation():
+    import bench
+    anchor = [(0.2, 28.0), (0.4, 31.0), (0.8, 34.0), (1.6, 36.5)]
+    assert math.isclose(bench.bd_rate(anchor, [(r * 0.8, p) for r, p in anchor]), -20.0, rel_tol=1e-9)
+    assert math.isclose(bench.bd_rate(anchor, [(r * 1.5, p) for r, p in anchor]), 50.0, rel_tol=1e-9)
+    assert math.isnan(bench.bd_rate(anchor, [(0.3, 30.0)]))
+    curve = [(0.2, 28.0, 0.9), (0.4, 31.0, 0.95)]
+    assert np.allclose(bench.at_bpp(curve, 0.3), (29.5, 0.925)) and all(math.isnan(v) for v in bench.at_bpp(curve, 0.5))
+
+
+def test_hpcm_bench_codec_and_codec_train_rows(tmp_path, monkeypatch):
+    """bench.py codec on a generated image and a folder (exact decode in every row, real bpp from the stream;
+    Pillow codecs only where Pillow is installed) and codec_train, with hpcm_tiny's widths as the small preset."""
+    import bench
+    monkeypatch.setattr(hpcm.HPCMConfig, 'small', classmethod(lambda cls, phase: hpcm_tiny(phase)[0]))
+    monkeypatch.setattr(bench, 'pillow_codecs', lambda: {})  # Pillow or not, the same test (codec_curve: below)
+    for k in range(2):
+        train.write_png(str(tmp_path / f'{k}.png'),
+                        hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(k), 64, 70)))
+    args = argparse.Namespace(phases=[0], ckpt=None, size=[64, 64], repeats=1, images=str(tmp_path), device='cpu',
+                              preset='small')
+    rows = bench.run_codec(args)
+    assert [r['image'] for r in rows[:4]] == ['64x64', '0.png', '1.png', 'average'] and all(r['exact'] for r in rows[:4])
+    assert rows[0]['bpp'] == 8 * rows[0]['bytes'] / 64 ** 2 and rows[0]['enc_s'] > 0 and rows[0]['dec_s'] > 0
+    assert 0 < rows[1]['ms_ssim'] <= 1 and math.isclose(rows[3]['psnr'], (rows[1]['psnr'] + rows[2]['psnr']) / 2)
+    img = hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(0), 40, 48))
+    grey = lambda im, q: bytes(q)  # a fake codec: 'quality' bytes of stream, a grey picture out
+    monkeypatch.setattr(bench, 'decode_pillow', lambda data: np.full((40, 48, 3), 128, np.uint8))
+    curve = bench.codec_curve(grey, img, qualities=[10, 20])
+    assert [round(p[0] * 40 * 48 / 8) for p in curve] == [10, 20] and math.isclose(
+        curve[0][1], 10 * math.log10(255 ** 2 / ((img.astype(float) - 128) ** 2).mean()))
+    rows = bench.run_codec_train(argparse.Namespace(phases=[0], batch_size=1, patch_size=64, steps=1,
+                                                    cudnn_benchmark=[0], device='cpu', preset='small'))
+    assert len(rows) == 1 and rows[0]['ms_per_step'] > 0 and math.isfinite(rows[0]['loss_last'])
+
 # ================================================================================================================
 # train.py ctm: the CUDA-graph fast path and data-parallel training
 

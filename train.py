@@ -1717,6 +1717,25 @@ def hpcm_code_files(args):
         hpcm_error(f'{"--compress" if args.compress else "--decompress"}: {e}')
 
 
+def hpcm_code_timed(hpcm, coder, x, sync):
+    """The encoder's reconstruction (hpcm_forward as compress computes it), compress, decompress, each timed ->
+    {'forward_s', 'enc_s', 'dec_s', 'bpp_est', 'data', 'decoded', 'exact': decoded == the encoder's}."""
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad(), hpcm.deterministic(x.device):
+        x_hat, _, bpp = hpcm.hpcm_forward(coder.params, x, coder.cfg)
+    sync()
+    t1 = time.perf_counter()
+    data = hpcm.compress(coder, x)
+    sync()
+    t2 = time.perf_counter()
+    decoded = hpcm.decompress(coder, data)
+    sync()
+    t3 = time.perf_counter()
+    return {'forward_s': t1 - t0, 'enc_s': t2 - t1, 'dec_s': t3 - t2, 'bpp_est': bpp.item(), 'data': data,
+            'decoded': decoded, 'exact': bool(torch.equal(decoded, x_hat.clamp(0, 1)))}
+
+
 def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
     """Estimated and real bpp, PSNR, encode/decode seconds per image; checks that decoding reproduces the encoder."""
     rows = []
@@ -1724,20 +1743,11 @@ def hpcm_evaluate(hpcm, params, cfg, images, names, device, png_dir=None):
     coder = hpcm.make_coder(params, cfg)
     for img, name in zip(images, names):
         x = hpcm.image_to_tensor(img).to(device)
-        with torch.no_grad(), hpcm.deterministic(device):  # the encoder's reconstruction, as compress sees it
-            x_hat, _, bpp = hpcm.hpcm_forward(params, x, cfg)
-        sync()
-        t0 = time.time()
-        data = hpcm.compress(coder, x)
-        sync()
-        t1 = time.time()
-        decoded = hpcm.decompress(coder, data)
-        sync()
-        t2 = time.time()
-        real_bpp = len(data) * 8 / (x.shape[2] * x.shape[3])
-        rows.append({'image': name, 'size': f'{x.shape[3]}x{x.shape[2]}', 'bpp_est': bpp.item(), 'bpp_real': real_bpp,
-                     'bytes': len(data), 'psnr': hpcm.psnr(x, decoded),
-                     'exact': bool(torch.equal(decoded, x_hat.clamp(0, 1))), 'enc_s': t1 - t0, 'dec_s': t2 - t1})
+        r = hpcm_code_timed(hpcm, coder, x, sync)
+        rows.append({'image': name, 'size': f'{x.shape[3]}x{x.shape[2]}', 'bpp_est': r['bpp_est'],
+                     'bpp_real': len(r['data']) * 8 / (x.shape[2] * x.shape[3]), 'bytes': len(r['data']),
+                     'psnr': hpcm.psnr(x, r['decoded']), 'exact': r['exact'], 'enc_s': r['enc_s'], 'dec_s': r['dec_s']})
+        decoded = r['decoded']
         if png_dir is not None:
             os.makedirs(png_dir, exist_ok=True)
             write_png(os.path.join(png_dir, os.path.splitext(name)[0] + '.png'), hpcm.tensor_to_image(decoded))
