@@ -590,7 +590,7 @@ def run_codec(args):
             ours[name].append(row)
             rows.append(row)
             print(row, flush=True)
-    for name, own in ours.items():  # averages over the images, per model
+    for name, own in ours.items() if images else ():  # averages over the images, per model
         rows.append({'model': name, 'image': 'average', 'exact': all(r['exact'] for r in own),
                      **{k: float(np.mean([r[k] for r in own])) for k, v in own[0].items() if isinstance(v, float)}})
     for c in codecs:  # BD-rate of the models' curve (one point per --ckpt) against each codec, averaged over images

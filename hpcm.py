@@ -1135,8 +1135,8 @@ def compress(coder, x):
         values = torch.cat(values).long().cpu().numpy()
         table = torch.cat(tables_of).cpu().numpy()
     # numpy's cost is per row of lanes, and each lane's final state costs ~6 bytes: as many lanes as keep that under
-    # ~1% of the payload, and at least one per 16384 symbols (at most 16384 rows; ~0.004 bpp for a 768x512 image).
-    lanes = max(ideal_bits(values, table, coder.tables) / 8 / 600, len(values) / 16384, 1.0)
+    # ~1% of the payload, and at least one per 8192 symbols (at most 16384 rows; 32 lanes, ~0.005 bpp, at 768x512).
+    lanes = max(ideal_bits(values, table, coder.tables) / 8 / 600, len(values) / 8192, 1.0)
     log2_lanes = int(np.clip(np.log2(lanes), 0, 10))
     _, escaped = symbol_indices(values, table, coder.tables)
     escapes = encode_varints(values[escaped])

@@ -2509,6 +2509,7 @@ def test_hpcm_bench_codec_and_codec_train_rows(tmp_path, monkeypatch):
     assert [r['image'] for r in rows[:4]] == ['64x64', '0.png', '1.png', 'average'] and all(r['exact'] for r in rows[:4])
     assert rows[0]['bpp'] == 8 * rows[0]['bytes'] / 64 ** 2 and rows[0]['enc_s'] > 0 and rows[0]['dec_s'] > 0
     assert 0 < rows[1]['ms_ssim'] <= 1 and math.isclose(rows[3]['psnr'], (rows[1]['psnr'] + rows[2]['psnr']) / 2)
+    assert [r['image'] for r in bench.run_codec(argparse.Namespace(**{**vars(args), 'images': None}))] == ['64x64']
     img = hpcm.tensor_to_image(hpcm.synthetic_image(torch.Generator().manual_seed(0), 40, 48))
     grey = lambda im, q: bytes(q)  # a fake codec: 'quality' bytes of stream, a grey picture out
     monkeypatch.setattr(bench, 'decode_pillow', lambda data: np.full((40, 48, 3), 128, np.uint8))
