@@ -780,6 +780,19 @@ def resolve_ctm_args(args):
     return args
 
 
+def resolve_ctm_device(args, device):
+    """The defaults that depend on the device: on CUDA the captured fast path unless --eager, and maze batches made
+    ahead by --num_workers_train processes (default 4 on CUDA, else 0: on a CPU they would compete with the step)."""
+    if args.cuda_graph and args.eager:
+        raise ValueError('--cuda_graph and --eager: expected one of them (on CUDA the captured path is the default)')
+    if args.cuda_graph and device.type != 'cuda':
+        raise ValueError('--cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
+    args.cuda_graph = device.type == 'cuda' and not args.eager
+    if args.num_workers_train is None:
+        args.num_workers_train = min(4, (os.cpu_count() or 1) - 1) if device.type == 'cuda' else 0
+    return args
+
+
 def ctm_maze_batch(seed, step, n, size, route_length, first=0):
     """Mazes first .. first+n-1 of training step `step`, maze i drawn from its own generator seeded (seed, step, i).
 
@@ -1148,19 +1161,6 @@ def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
     step = functools.partial(ctm_train_step, params, buffers, opt, cfg=cfg, task_loss=task_loss, use_amp=args.use_amp,
                              gradient_clipping=args.gradient_clipping, world=world, stacked=args.cuda_graph)
     return cuda_graph_step(step) if args.cuda_graph else step
-
-
-def resolve_ctm_device(args, device):
-    """The defaults that depend on the device: on CUDA the captured fast path unless --eager, and maze batches made
-    ahead by --num_workers_train processes (default 4 on CUDA, else 0: on a CPU they would compete with the step)."""
-    if args.cuda_graph and args.eager:
-        raise ValueError('--cuda_graph and --eager: expected one of them (on CUDA the captured path is the default)')
-    if args.cuda_graph and device.type != 'cuda':
-        raise ValueError('--cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
-    args.cuda_graph = device.type == 'cuda' and not args.eager
-    if args.num_workers_train is None:
-        args.num_workers_train = min(4, (os.cpu_count() or 1) - 1) if device.type == 'cuda' else 0
-    return args
 
 
 def ctm_evaluate(params, buffers, cfg, test, task_loss, args, device):
