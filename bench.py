@@ -6,6 +6,7 @@ absolute times are only quoted from a GPU.
 import argparse
 import json
 import math
+import os
 import sys
 
 import train
@@ -206,13 +207,17 @@ BENCHMARKS['lash_generate'] = (add_lash_generate_args, run_lash_generate,
                                'LASH: tokens/s of greedy generation with a KV cache, full depth vs early exit')
 
 
-# wkv: Bi-WKV4 forward+backward time and achieved bandwidth, CUDA kernel vs torch scan vs dense.
+# wkv: Bi-WKV4 forward+backward time, the codec's short rows and the long ones, every path side by side.
 
 def add_wkv_args(p):
-    p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC')
-    p.add_argument('--lengths', default='256,4096,16384', help='comma list of T')
-    p.add_argument('--paths', default='cuda,scan,dense', help='comma list of cuda, scan, dense')
-    p.add_argument('--repeats', type=int, default=10, help='timed fwd+bwd calls per case (scan and dense: 1)')
+    p.add_argument('--small', default='1x640x64,1x640x256,8x256x1024,8x640x256,1x640x1024',
+                   help="comma list of BxCxT: the codec's context cells (y of a 256² crop is 16x16 = 256 tokens)")
+    p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC for the long rows')
+    p.add_argument('--lengths', default='256,4096,16384', help='comma list of T for the long rows')
+    p.add_argument('--paths', default='auto,naive,cuda,scan,dense',
+                   help='comma list of auto (bi_wkv\'s choice), naive, cuda (chunked), scan, dense')
+    p.add_argument('--repeats', type=int, default=20, help='timed fwd+bwd calls per case and kernel path '
+                   '(scan and dense: 1)')
     p.add_argument('--dense_max_T', type=int, default=256, help='dense is O(T²) in memory')
     p.add_argument('--scan_max_elems', type=int, default=2 ** 28, help='skip the scan above this B·T·C (memory)')
     p.add_argument('--out', default=None)
@@ -233,72 +238,96 @@ def measure_copy_bandwidth(torch, nbytes=2 ** 30, repeats=10):
     return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def run_wkv(args):
-    """Minimal traffic for fwd+bwd is 8·B·T·C·4 bytes (k, v in and y out forward; k, v, gy in and gk, gv out
-    backward); GB/s and % of the copy bandwidth measured in the same run count only those bytes, over gpu_ms: CUDA
-    events around `repeats` fwd+bwd calls queued back to back, as a training loop queues them, so the host's launch
-    work overlaps the kernels. wall_ms and fwd_ms: medians of single calls timed with a synchronize after each,
-    host launch work included."""
+def time_wkv_paths(torch, fns, inputs, gy, repeats):
+    """Wall time as a user meets it: fwd ms and fwd+bwd ms of single calls, a synchronize after the forward and after
+    the backward, host work included. The paths take turns call by call (paired), round 0 warms up (and compiles);
+    medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to back, as a training loop queues
+    them, so the host's launch work overlaps the kernels."""
     import statistics
     import time
+    fwd, both = {n: [] for n in fns}, {n: [] for n in fns}
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            y = fn(*inputs)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            torch.autograd.backward(y, gy, inputs=inputs)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            for t in inputs:
+                t.grad = None
+            if i:
+                fwd[name].append(t1 - t0)
+                both[name].append(t2 - t0)
+    out = {}
+    for name, fn in fns.items():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            torch.autograd.backward(fn(*inputs), gy, inputs=inputs)
+            for t in inputs:
+                t.grad = None
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = (1e3 * statistics.median(fwd[name]), 1e3 * statistics.median(both[name]),
+                     start.elapsed_time(end) / repeats)
+    return out
 
+
+def run_wkv(args):
+    """One row per (shape, path): the codec's short rows ('codec') first, then the long ones ('long'). The kernel
+    paths (auto, naive, cuda) are timed paired with `repeats` calls each, scan and dense with one call. GB/s and %
+    of the copy bandwidth measured in the same run count only the minimal 8·B·T·C·4 bytes of fwd+bwd (k, v in and
+    y out forward; k, v, gy in and gk, gv out backward) over gpu_ms."""
     import torch
 
     import hpcm
     if not torch.cuda.is_available():
         raise SystemExit('bench wkv needs a CUDA device')
-    paths = {'cuda': hpcm.bi_wkv_cuda, 'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense}
-    unknown = set(args.paths.split(',')) - set(paths)
+    paths = {'auto': hpcm.bi_wkv, 'naive': hpcm.bi_wkv_naive, 'cuda': hpcm.bi_wkv_cuda, 'scan': hpcm.bi_wkv_scan,
+             'dense': hpcm.bi_wkv_dense}
+    chosen = args.paths.split(',')
+    unknown = set(chosen) - set(paths)
     if unknown:
         raise SystemExit(f'--paths: expected a comma list of {", ".join(paths)}, got {sorted(unknown)}')
+    try:
+        shapes = [('codec', *(int(x) for x in s.split('x'))) for s in args.small.split(',') if s]
+        shapes += [('long', *(int(x) for x in s.split('x')), int(T)) for s in args.sizes.split(',') if s
+                   for T in args.lengths.split(',') if T]
+        assert all(len(s) == 4 for s in shapes)
+    except (ValueError, AssertionError):
+        raise SystemExit(f'--small: expected BxCxT,..., --sizes BxC,... and --lengths T,...; got {args.small!r}, '
+                         f'{args.sizes!r}, {args.lengths!r}')
+    os.environ.pop('HPCM_WKV', None)  # 'auto' is bi_wkv's own choice
     copy_gbs = measure_copy_bandwidth(torch)
+    print(f'copy bandwidth {copy_gbs:.0f} GB/s; codec rows: the kernel paths timed paired (turn by turn)')
     rows = []
-    for size in args.sizes.split(','):
-        B, C = (int(s) for s in size.split('x'))
-        for T in (int(t) for t in args.lengths.split(',')):
-            gen = torch.Generator(device='cuda').manual_seed(0)
-            w = (torch.rand(C, device='cuda', generator=gen) * 3).requires_grad_()
-            u = torch.randn(C, device='cuda', generator=gen).requires_grad_()
-            k = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
-            v = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
-            gy = torch.randn(B, T, C, device='cuda', generator=gen)
-            for name in args.paths.split(','):
-                if (name == 'dense' and T > args.dense_max_T) or (name == 'scan' and B * T * C > args.scan_max_elems):
-                    continue
-                fn = paths[name]
-                repeats = args.repeats if name == 'cuda' else 1
-                fwd, both = [], []
-                for i in range(repeats + 1):  # the first call compiles / warms up
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    y = fn(w, u, k, v)
-                    torch.cuda.synchronize()
-                    t1 = time.perf_counter()
-                    torch.autograd.backward(y, gy, inputs=[w, u, k, v])
-                    torch.cuda.synchronize()
-                    t2 = time.perf_counter()
-                    w.grad = u.grad = k.grad = v.grad = None
-                    del y
-                    if i:
-                        fwd.append(t1 - t0)
-                        both.append(t2 - t0)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(repeats):
-                    torch.autograd.backward(fn(w, u, k, v), gy, inputs=[w, u, k, v])
-                    w.grad = u.grad = k.grad = v.grad = None
-                end.record()
-                torch.cuda.synchronize()
-                gpu_ms = start.elapsed_time(end) / repeats
+    for table, B, C, T in shapes:
+        gen = torch.Generator(device='cuda').manual_seed(0)
+        w = (torch.rand(C, device='cuda', generator=gen) * 3).requires_grad_()
+        u = torch.randn(C, device='cuda', generator=gen).requires_grad_()
+        k = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
+        v = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
+        gy = torch.randn(B, T, C, device='cuda', generator=gen)
+        kernels = {n: paths[n] for n in chosen if n in ('auto', 'naive', 'cuda')}
+        others = {n: paths[n] for n in chosen if (n == 'scan' and B * T * C <= args.scan_max_elems)
+                  or (n == 'dense' and T <= args.dense_max_T)}
+        times = time_wkv_paths(torch, kernels, [w, u, k, v], gy, args.repeats) if kernels else {}
+        for name, fn in others.items():
+            times.update(time_wkv_paths(torch, {name: fn}, [w, u, k, v], gy, 1))
+        for name in chosen:
+            if name in times:
+                fwd_ms, wall_ms, gpu_ms = times[name]
                 gbs = 8 * B * T * C * 4 / (gpu_ms / 1e3) / 1e9
-                rows.append({'B': B, 'C': C, 'T': T, 'path': name, 'fwd_ms': 1e3 * statistics.median(fwd),
-                             'wall_ms': 1e3 * statistics.median(both), 'gpu_ms': gpu_ms, 'GB_s': gbs,
-                             'pct_of_copy': 100 * gbs / copy_gbs, 'copy_GB_s': copy_gbs})
-            torch.cuda.empty_cache()
+                rows.append({'rows': table, 'B': B, 'C': C, 'T': T, 'path': name, 'fwd_ms': fwd_ms,
+                             'wall_ms': wall_ms, 'gpu_ms': gpu_ms, 'GB_s': gbs, 'pct_of_copy': 100 * gbs / copy_gbs})
+        torch.cuda.empty_cache()
     return rows
 
 
-BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: CUDA kernel vs torch scan vs dense, GB/s')
+BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: naive and chunked CUDA kernels vs torch scan vs dense')
 
 
 # ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),

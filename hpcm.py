@@ -111,7 +111,7 @@ def layer_norm_channels(p, x, eps=1e-5):
 
 
 # ================================================================================================================
-# Bi-WKV4: dense reference, torch scan, CUDA kernel via cupy
+# Bi-WKV4: dense reference, torch scan, CUDA kernels (naive, chunked) via cupy
 #
 # Pinned against OpenGVLab/Vision-RWKV (classification/mmcls_custom/models/backbones/vrwkv.py, the call
 # `RUN_CUDA(B, T, C, self.spatial_decay / T, self.spatial_first / T, k, v)`, and cuda/wkv_cuda.cu) and
@@ -122,7 +122,7 @@ def layer_norm_channels(p, x, eps=1e-5):
 #           / (Σ_{i≠t} e^{-(|t-i|-1)·w/T + k_i} + e^{u/T + k_t})
 # Neighbours (|t-i| = 1) are not decayed; w < 0 (RwkvCompress inits w ~ N(0, 1)) makes far tokens weigh more.
 # Vision-RWKV's kernel also adds 1e-6 to the denominator; we leave it out (the denominator is >= e^{u/T + k_t} > 0).
-# All three paths take the raw w, u (C,) and k, v (B, T, C) and return y (B, T, C) in k's dtype.
+# All four paths take the raw w, u (C,) and k, v (B, T, C) and return y (B, T, C) in k's dtype.
 
 def _check_wkv(w, u, k, v):
     if k.dim() != 3 or v.shape != k.shape:
@@ -183,9 +183,15 @@ def _wkv_scan_forward(w, u, k, v):
 
 
 class _BiWKVScan(torch.autograd.Function):
-    """O(T) forward and backward scans; the backward is two more Bi-WKV scans (the gradient formulas are in
-    wkv_kernel.cu's header). Here gw comes from the forward's states instead of distance-weighted sums:
-    gw = -e^{-w} sum_j (A_j G>_j - B_j H>_j + C_j G<_j - D_j H<_j), with A, B (C, D) the forward (reverse)
+    """O(T) forward and backward scans. The gradients, with Z_t the denominator, d_ti = |t-i| - 1 and
+    q_t = gy_t / Z_t = gy_t e^{kappa_t}, kappa_t = -log Z_t (wkv_kernel.cu computes the same ones):
+        gv_i = e^{k_i} (G_i + e^u q_i),   gk_i = e^{k_i} (v_i G_i - H_i + e^u q_i (v_i - y_i)),
+        gu   = sum_t e^{u+k_t} q_t (v_t - y_t),   gw = -sum_i e^{k_i} (v_i G'_i - H'_i),
+    with G_i = sum_{t!=i} e^{-d_ti w} q_t, H_i the same over q_t y_t, and G', H' the same sums weighted by d_ti:
+    one more Bi-WKV scan, over keys kappa_t and values gy_t, gy_t y_t. Nothing overflows: e^{k_i - d_ti w} <= Z_t,
+    so e^{k_i} times a gradient state is at most O(gy). v_i - y_i is formed without cancelling v against y.
+    Here gw comes from the forward's states instead of distance-weighted sums (the kernels carry G', H' in their
+    states): gw = -e^{-w} sum_j (A_j G>_j - B_j H>_j + C_j G<_j - D_j H<_j), with A, B (C, D) the forward (reverse)
     numerator / denominator states and G, H the gradient scan's states over gy_t, gy_t y_t (G = G< + G>)."""
 
     @staticmethod
@@ -219,15 +225,21 @@ def bi_wkv_scan(w, u, k, v):
     return _BiWKVScan.apply(w.to(k.dtype) / T, u.to(k.dtype) / T, k, v)
 
 
+# The CUDA kernels (wkv_kernel.cu, compiled by cupy on first use). They take the raw w, u and divide by T themselves,
+# and launch on torch's current stream without synchronising. The naive kernels (one thread per (b, c) walks the
+# row) take one launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again
+# from their incoming states), or one where the row is a single chunk.
 _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
+_WKV_STREAMS = {}  # torch stream handle -> cupy's view of that stream
 # tokens per thread per pass (the backward holds seven values a token where the forward holds five: with 8 tokens its
 # apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block, channels per block
 _WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
+_WKV_NAIVE_THREADS = 32  # threads per block of the naive kernels: one warp, so short rows spread over many SMs
 
 
 def _wkv_kernels(dtype, device_index, pass_):
-    """pass_ 'fwd' or 'bwd': its chunk summaries ('sum'), carry pass ('carry') and apply ('apply') kernels, compiled
-    with that pass's tokens per thread."""
+    """pass_ 'fwd' or 'bwd': its naive kernel ('naive') and its chunk summaries ('sum'), carry pass ('carry') and
+    apply ('apply') kernels, compiled with that pass's tokens per thread."""
     import cupy
     name = {torch.float32: 'float', torch.float64: 'double'}[dtype]
     key = (name, device_index, pass_, _WKV_LT[pass_], _WKV_NS)
@@ -235,12 +247,13 @@ def _wkv_kernels(dtype, device_index, pass_):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wkv_kernel.cu')) as f:
             source = f.read()
         chunk = {'fwd': 'wkv_forward', 'bwd': 'wkv_backward'}[pass_]
-        kernels = {'sum': f'{chunk}<{name}, false>', 'apply': f'{chunk}<{name}, true>',
-                   'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
+        kernels = {'naive': f'{chunk}_naive<{name}>', 'sum': f'{chunk}<{name}, false>',
+                   'apply': f'{chunk}<{name}, true>', 'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
         options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=source, options=options, name_expressions=list(kernels.values()))
-            _WKV_MODULES[key] = {k: module.get_function(v) for k, v in kernels.items()}
+            # .kernel: the compiled function itself, called without RawKernel's per-call device lookup
+            _WKV_MODULES[key] = {k: module.get_function(v).kernel for k, v in kernels.items()}
     return _WKV_MODULES[key]
 
 
@@ -250,15 +263,20 @@ def _raw(*args):
 
 
 def _launch(device, *launches):
-    """Runs (kernel, grid, block, raw args) launches in order on torch's current stream of device. One stream and
-    device context for all of them: entering them costs more host time than the launch itself."""
+    """Runs (kernel, grid, block, raw args) launches in order on torch's current stream of device, without
+    synchronising. cupy's view of a stream is made once per stream (making it costs more than a launch), and cupy's
+    device is entered only where it is not current already."""
     import cupy
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), (cupy.cuda.Stream.from_external(stream)
-                                          if hasattr(cupy.cuda.Stream, 'from_external')
-                                          else cupy.cuda.ExternalStream(stream.cuda_stream)):
+    current = torch.cuda.current_stream(device)
+    stream = _WKV_STREAMS.get(current.cuda_stream)
+    if stream is None:
+        stream = _WKV_STREAMS[current.cuda_stream] = (
+            cupy.cuda.Stream.from_external(current) if hasattr(cupy.cuda.Stream, 'from_external')
+            else cupy.cuda.ExternalStream(current.cuda_stream))
+    with (contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device.index
+          else cupy.cuda.Device(device.index)):
         for kernel, grid, threads, args in launches:
-            kernel(grid, threads, args)
+            kernel(grid, threads, args, stream=stream)
 
 
 def _wkv_grid(B, T, C, pass_):
@@ -268,29 +286,40 @@ def _wkv_grid(B, T, C, pass_):
     return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
 
 
-def _wkv_pass(pass_, k, w, states, args):
-    """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd', in three launches: its chunks' summaries, the carry pass
-    over them, then the chunks again from their incoming states. args: the chunk kernels' raw arguments."""
+def _wkv_pass(pass_, naive, k, w, states, args):
+    """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. naive: one launch, a thread per (b, c). Else the chunked
+    kernels: their chunks' summaries, the carry pass over them, then the chunks again from their incoming states
+    (states None: the row is one chunk, whose incoming states are empty, and only that last launch runs).
+    args: the kernels' raw arguments."""
     B, T, C = k.shape
     kern = _wkv_kernels(k.dtype, k.device.index, pass_)
+    if naive:
+        _launch(k.device, (kern['naive'], (-(-B * C // _WKV_NAIVE_THREADS),), (_WKV_NAIVE_THREADS,), args))
+        return
     _, grid, threads, carry_grid = _wkv_grid(B, T, C, pass_)
-    _launch(k.device, (kern['sum'], grid, threads, args),
-            (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), (kern['apply'], grid, threads, args))
+    apply = (kern['apply'], grid, threads, args)
+    if states is None:
+        _launch(k.device, apply)
+    else:
+        _launch(k.device, (kern['sum'], grid, threads, args),
+                (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), apply)
 
 
 class _BiWKVCuda(torch.autograd.Function):
-    """wkv_kernel.cu: per-chunk summaries, a carry pass over chunks, then the chunks again with their carries. The
-    forward also writes log Z (one more (B, T, C) tensor kept for backward), so the backward is one Bi-WKV scan of
-    the gradients and never recomputes the forward."""
+    """wkv_kernel.cu, naive or chunked. The forward also writes log Z (one more (B, T, C) tensor kept for backward;
+    the naive forward always writes it), so the backward is one Bi-WKV walk of the gradients and never recomputes
+    the forward. Both backward kernels write partial sums of gw, gu, over b (and chunks) for the caller to add."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v):
+    def forward(ctx, w, u, k, v, naive):
         B, T, C = k.shape
-        w, u, k, v = (t.contiguous() for t in (w, u, k, v))
-        states = k.new_empty(B, _wkv_grid(B, T, C, 'fwd')[0], 2, 4, C)  # per chunk and direction: (r, n, a, b)
         y = torch.empty_like(k)
-        log_z = torch.empty_like(k) if any(ctx.needs_input_grad) else None  # (codec inference needs no log Z)
-        _wkv_pass('fwd', k, w, states, _raw(B, T, C, w, u, k, v, states, y, log_z))
+        log_z = torch.empty_like(k) if naive or any(ctx.needs_input_grad) else None  # (codec inference: no log Z)
+        nchunk = _wkv_grid(B, T, C, 'fwd')[0]
+        states = None if naive or nchunk == 1 else k.new_empty(B, nchunk, 2, 4, C)  # per chunk, direction: r, n, a, b
+        _wkv_pass('fwd', naive, k, w, states,
+                  _raw(B, T, C, w, u, k, v, y, log_z) if naive else _raw(B, T, C, w, u, k, v, states, y, log_z))
+        ctx.naive = naive
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -300,13 +329,15 @@ class _BiWKVCuda(torch.autograd.Function):
         w, u, k, v, y, log_z = ctx.saved_tensors
         B, T, C = k.shape
         gy = gy.contiguous()
-        nchunk = _wkv_grid(B, T, C, 'bwd')[0]
-        states = k.new_empty(B, nchunk, 2, 6, C)  # per chunk and direction: (r, n, a, b, a2, b2)
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        gwu = k.new_empty(2, B * nchunk, C)  # per-chunk partial sums of gw and gu
-        _wkv_pass('bwd', k, w, states, _raw(B, T, C, w, u, k, v, y, log_z, gy, states, gk, gv, gwu[0], gwu[1]))
-        gw, gu = gwu.sum(1, dtype=torch.float64).to(w.dtype)
-        return gw, gu, gk, gv
+        nchunk = 1 if ctx.naive else _wkv_grid(B, T, C, 'bwd')[0]
+        gwu = k.new_empty(2, B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
+        states = None if ctx.naive or nchunk == 1 else k.new_empty(B, nchunk, 2, 6, C)  # r, n, a, b, a2, b2
+        head = (B, T, C, w, u, k, v, y, log_z, gy)
+        _wkv_pass('bwd', ctx.naive, k, w, states,
+                  _raw(*head, gk, gv, gwu[0], gwu[1]) if ctx.naive else _raw(*head, states, gk, gv, gwu[0], gwu[1]))
+        gw, gu = gwu.sum(1)
+        return gw, gu, gk, gv, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,33 +349,51 @@ def _cupy_available():
     return True
 
 
-def bi_wkv_cuda(w, u, k, v):
-    """The CUDA kernel (float32 or float64 CUDA tensors, cupy installed)."""
+def _bi_wkv_kernel(w, u, k, v, naive):
+    who = 'bi_wkv_naive' if naive else 'bi_wkv_cuda'
     _check_wkv(w, u, k, v)
     if not (k.is_cuda and _cupy_available()):
-        raise RuntimeError(f'bi_wkv_cuda needs CUDA tensors and cupy (k is on {k.device}, cupy '
+        raise RuntimeError(f'{who} needs CUDA tensors and cupy (k is on {k.device}, cupy '
                            f'{"installed" if _cupy_available() else "not installed"})')
     if k.dtype not in (torch.float32, torch.float64) or v.dtype != k.dtype:
-        raise ValueError(f'bi_wkv_cuda: k and v must both be float32 or float64, got {k.dtype} and {v.dtype}')
-    if k.shape[0] > 65535:  # the batch is the kernels' grid.y
-        raise ValueError(f'bi_wkv_cuda: the batch B must be at most 65535, got {k.shape[0]}')
-    T = k.shape[1]
-    return _BiWKVCuda.apply(w.to(k.dtype) / T, u.to(k.dtype) / T, k, v)
+        raise ValueError(f'{who}: k and v must both be float32 or float64, got {k.dtype} and {v.dtype}')
+    if not naive and k.shape[0] > 65535:  # the batch is the chunked kernels' grid.y
+        raise ValueError(f'{who}: the batch B must be at most 65535, got {k.shape[0]}')
+    w, u, k, v = (t.to(k.dtype).contiguous() for t in (w, u, k, v))
+    return _BiWKVCuda.apply(w, u, k, v, naive)
 
 
-_WKV_PATHS = {'dense': bi_wkv_dense, 'scan': bi_wkv_scan, 'cuda': bi_wkv_cuda}
+def bi_wkv_naive(w, u, k, v):
+    """The naive CUDA kernels: one thread per (b, c) walks its row, one launch a pass (float32 or float64 CUDA
+    tensors, cupy installed). A row's terms are added one after another, so with a weak decay the float32 error grows
+    with T (1.6e-6 at T = 4096); bi_wkv takes them for few short rows, where they are the faster kernels."""
+    return _bi_wkv_kernel(w, u, k, v, naive=True)
+
+
+def bi_wkv_cuda(w, u, k, v):
+    """The chunked CUDA kernels: B·C·T/8 threads share the rows (float32 or float64 CUDA tensors, cupy installed)."""
+    return _bi_wkv_kernel(w, u, k, v, naive=False)
+
+
+_WKV_PATHS = {'dense': bi_wkv_dense, 'scan': bi_wkv_scan, 'naive': bi_wkv_naive, 'cuda': bi_wkv_cuda}
+# bi_wkv's choice on CUDA: the naive kernels for rows of at most _WKV_NAIVE_MAX_T tokens when there are at most
+# _WKV_NAIVE_MAX_ROWS of them (B·C), the chunked ones otherwise (paired wall times on an H200, bench.py wkv)
+_WKV_NAIVE_MAX_T, _WKV_NAIVE_MAX_ROWS = 256, 8192
 
 
 def bi_wkv(w, u, k, v):
-    """Bi-WKV4 with raw decay w, bonus u (C,) over k, v (B, T, C) -> y (B, T, C). The CUDA kernel for float CUDA
-    tensors when cupy is installed, else the torch scan; environment HPCM_WKV=dense|scan|cuda forces a path."""
+    """Bi-WKV4 with raw decay w, bonus u (C,) over k, v (B, T, C) -> y (B, T, C). On float CUDA tensors with cupy
+    installed the naive kernels for few short rows and the chunked ones otherwise, else the torch scan; environment
+    HPCM_WKV=dense|scan|naive|cuda forces a path."""
     forced = os.environ.get('HPCM_WKV', '')
     if forced:
         if forced not in _WKV_PATHS:
             raise ValueError(f'HPCM_WKV must be one of {sorted(_WKV_PATHS)}, got {forced!r}')
         return _WKV_PATHS[forced](w, u, k, v)
     if k.is_cuda and k.dtype in (torch.float32, torch.float64) and _cupy_available():
-        return bi_wkv_cuda(w, u, k, v)
+        B, T, C = k.shape
+        naive = T <= _WKV_NAIVE_MAX_T and B * C <= _WKV_NAIVE_MAX_ROWS
+        return (bi_wkv_naive if naive else bi_wkv_cuda)(w, u, k, v)
     return bi_wkv_scan(w, u, k, v)
 
 

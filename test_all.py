@@ -1714,10 +1714,13 @@ def wkv_loop(w, u, k, v):
     return y
 
 
-def wkv_inputs(seed, B, T, C, k_scale, k_offset, w_scale, dtype=torch.float64, device='cpu'):
-    """Raw w >= 0 (w·T is what decays across the sequence), u ~ N(0, 2²), k = offset + scale·N(0, 1)."""
+def wkv_inputs(seed, B, T, C, k_scale, k_offset, w_scale, dtype=torch.float64, device='cpu', signed=False):
+    """Raw w in [0, w_scale) (w is what decays across the sequence), or in (-w_scale, w_scale) when signed (w < 0:
+    far tokens weigh more), u ~ N(0, 2²), k = offset + scale·N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(C, generator=g) * w_scale
+    if signed:
+        w = w * torch.where(torch.rand(C, generator=g) < 0.5, -1.0, 1.0)
     u = torch.randn(C, generator=g) * 2
     k = torch.randn(B, T, C, generator=g) * k_scale + k_offset
     v = torch.randn(B, T, C, generator=g)
@@ -1801,9 +1804,10 @@ def test_wkv_paths_and_errors(monkeypatch):
     monkeypatch.setenv('HPCM_WKV', 'fast')
     with pytest.raises(ValueError, match='HPCM_WKV'):
         hpcm.bi_wkv(w, u, k, v)
-    monkeypatch.setenv('HPCM_WKV', 'cuda')
-    with pytest.raises(RuntimeError, match='CUDA tensors and cupy'):
-        hpcm.bi_wkv(w, u, k, v)  # CPU tensors
+    for path in ('naive', 'cuda'):
+        monkeypatch.setenv('HPCM_WKV', path)
+        with pytest.raises(RuntimeError, match=f'bi_wkv_{path} needs CUDA tensors and cupy'):
+            hpcm.bi_wkv(w, u, k, v)  # CPU tensors
     monkeypatch.delenv('HPCM_WKV')
     with pytest.raises(ValueError, match=r'w and u must be \(2,\)'):
         hpcm.bi_wkv(w[:1], u, k, v)
@@ -1813,33 +1817,68 @@ def test_wkv_paths_and_errors(monkeypatch):
         hpcm.bi_wkv(w, u, k[:, :0], v[:, :0])
 
 
-def wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale, seed=0):
-    w, u, k, v, gy = wkv_inputs(seed, B, T, C, k_scale, k_offset, w_scale, dtype=torch.float32, device='cuda')
-    got = wkv_value_and_grads(hpcm.bi_wkv_cuda, w, u, k, v, gy)
-    return got, (w, u, k, v, gy)
+WKV_KERNELS = ('naive', 'cuda')
+
+
+def wkv_kernel_errors(path, inputs, k_scale):
+    """A CUDA kernel (bi_wkv_naive or bi_wkv_cuda) in float32 against the float64 dense formula: the errors of y and
+    the four gradients."""
+    got = wkv_value_and_grads(getattr(hpcm, f'bi_wkv_{path}'), *inputs)
+    assert all(torch.isfinite(g).all() for g in got)
+    ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in inputs))
+    return relative_errors(got, ref, wkv_scales(inputs[-1], k_scale))
+
+
+WKV_CASES = [(1, 1, 1, 1.0, 0.0, 1.0), (2, 7, 3, 3.0, 0.0, 30.0), (3, 129, 33, 1.0, 500.0, 3.0),
+             (2, 257, 65, 5.0, -40.0, 0.0), (1, 1000, 5, 1.0, 0.0, 3000.0), (4, 128 * 12 + 5, 31, 2.0, 0.0, 1.0),
+             (1, 128 * 128, 2, 1.0, 0.0, 3.0), (2, 500, 8, 40.0, 0.0, 1.0)]
 
 
 @needs_cupy[0]
 @needs_cupy[1]
-@pytest.mark.parametrize('B, T, C, k_scale, k_offset, w_scale', [
-    (1, 1, 1, 1.0, 0.0, 1.0), (2, 7, 3, 3.0, 0.0, 30.0), (3, 129, 33, 1.0, 500.0, 3.0), (2, 257, 65, 5.0, -40.0, 0.0),
-    (1, 1000, 5, 1.0, 0.0, 3000.0), (4, 128 * 12 + 5, 31, 2.0, 0.0, 1.0), (1, 128 * 128, 2, 1.0, 0.0, 3.0),
-    (2, 500, 8, 40.0, 0.0, 1.0)])
-def test_wkv_cuda_matches_dense(B, T, C, k_scale, k_offset, w_scale):
-    """float32 kernel vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128, decays
-    that take the kernel's exact path (w·T = 3000), keys with standard deviation 40."""
-    got, (w, u, k, v, gy) = wkv_cuda_case(B, T, C, k_scale, k_offset, w_scale)
-    ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in (w, u, k, v, gy)))
-    errors = relative_errors(got, ref, wkv_scales(gy, k_scale))
+@pytest.mark.parametrize('path, B, T, C, k_scale, k_offset, w_scale', [
+    (path, *case) for path in WKV_KERNELS for case in WKV_CASES if path == 'cuda' or case[1] <= 4096])
+def test_wkv_kernels_match_dense(path, B, T, C, k_scale, k_offset, w_scale):
+    """float32 kernels vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128, decays
+    that take the chunked kernel's exact path (w = 3000), keys with standard deviation 40. The naive kernel adds a
+    row's terms one after another, so with a weak decay its float32 error grows with T; its T = 128·128 cases are in
+    the test below, with decays that keep the sums short."""
+    inputs = wkv_inputs(0, B, T, C, k_scale, k_offset, w_scale, dtype=torch.float32, device='cuda')
+    errors = wkv_kernel_errors(path, inputs, k_scale)
     assert max(errors) < 1e-5, errors
 
 
 @needs_cupy[0]
 @needs_cupy[1]
-def test_wkv_cuda_falls_back_where_a_lean_frame_underflows():
+@settings(max_examples=20)
+@given(path=st.sampled_from(WKV_KERNELS), B=st.integers(1, 2), C=st.integers(1, 40),
+       T=st.one_of(st.integers(1, 300), st.sampled_from([96, 97, 128, 129, 1000, 4096])),
+       w_scale=st.sampled_from([0.0, 1.0, 10.0, 90.0, 300.0, 3000.0]), k_scale=st.sampled_from([0.0, 1.0, 5.0, 30.0]),
+       seed=st.integers(0, 2**16))
+@example(path='cuda', B=1, C=2, T=16384, w_scale=300.0, k_scale=1.0, seed=0)
+@example(path='naive', B=1, C=2, T=16384, w_scale=300.0, k_scale=1.0, seed=0)
+def test_wkv_kernels_match_dense_for_either_decay_sign(path, B, C, T, w_scale, k_scale, seed):
+    """Decays of both signs in one call (w < 0 weighs far tokens more; |w| = 300 is e^300 across the row, far past
+    float32's range), at every magnitude the tests' float32 error bound holds for (beyond |w| ~ 1000 with w < 0,
+    float32 exponents of ~|w| log2 e keep too few digits, in the torch scan too), keys of every spread, rows of one
+    to many chunks."""
+    C = C if T <= 1000 else min(C, 2)  # the dense reference holds B·T²·C float64 numbers
+    if w_scale == 3000.0:  # large decays only with w >= 0, where far terms vanish instead of dominating
+        inputs = wkv_inputs(seed, B, T, C, k_scale, 0.0, w_scale, dtype=torch.float32, device='cuda')
+    else:
+        inputs = wkv_inputs(seed, B, T, C, k_scale, 0.0, w_scale, dtype=torch.float32, device='cuda', signed=True)
+    errors = wkv_kernel_errors(path, inputs, k_scale)
+    assert max(errors) < 1e-5, errors
+
+
+@needs_cupy[0]
+@needs_cupy[1]
+@pytest.mark.parametrize('path', WKV_KERNELS)
+def test_wkv_kernels_exact_where_a_lean_frame_underflows(path):
     """One key 150 above the three before it and the rest 150 below, with a bonus u/T = -150 that cancels the spike:
     y at the spike is set by the tokens before it, which a frame referenced to the spike weighs 2^-216, flushed to 0.
-    The forward must take its exact path there (without that fallback this returns NaN)."""
+    The chunked forward must take its exact path there (without that fallback it returns NaN); the naive kernel has
+    no frames."""
     T, C = 64, 4
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, T, C, generator=g) * 0.5
@@ -1847,29 +1886,49 @@ def test_wkv_cuda_falls_back_where_a_lean_frame_underflows():
     k[:, 4:] -= 150
     w, u = torch.rand(C, generator=g), torch.full((C,), -150.0 * T)
     v, gy = torch.randn(1, T, C, generator=g), torch.randn(1, T, C, generator=g)
-    inputs = [t.cuda() for t in (w, u, k, v, gy)]
-    got = wkv_value_and_grads(hpcm.bi_wkv_cuda, *inputs)
-    ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in inputs))
-    assert max(relative_errors(got, ref, wkv_scales(gy, 2.0))) < 1e-5
+    assert max(wkv_kernel_errors(path, [t.cuda() for t in (w, u, k, v, gy)], 2.0)) < 1e-5
 
 
 @needs_cupy[0]
 @needs_cupy[1]
-def test_wkv_cuda_matches_scan_and_gradcheck(monkeypatch):
-    got, inputs = wkv_cuda_case(2, 700, 40, 2.0, 10.0, 10.0, seed=5)
-    ref = wkv_value_and_grads(hpcm.bi_wkv_scan, *inputs)
-    assert max(relative_errors(got, ref)) < 1e-5
-    w, u, k, v, _ = wkv_inputs(6, 1, 300, 2, 1.0, 50.0, 5.0, device='cuda')  # float64, 3 chunks
-    assert torch.autograd.gradcheck(hpcm.bi_wkv_cuda, [t.requires_grad_() for t in (w, u, k, v)], fast_mode=True)
-    with torch.no_grad():  # no log Z is written then: the same y
-        assert torch.equal(hpcm.bi_wkv_cuda(*inputs[:4]), got[0])
+def test_wkv_three_paths_agree_and_gradcheck():
+    """naive kernel, chunked kernel and torch scan on the same float32 inputs; float64 gradcheck of both kernels;
+    the same y without a gradient (the chunked forward then writes no log Z)."""
+    inputs = wkv_inputs(5, 2, 700, 40, 2.0, 10.0, 10.0, dtype=torch.float32, device='cuda', signed=True)
+    got = {p: wkv_value_and_grads(getattr(hpcm, f'bi_wkv_{p}'), *inputs) for p in ('naive', 'cuda', 'scan')}
+    for a, b in (('naive', 'scan'), ('cuda', 'scan'), ('naive', 'cuda')):
+        errors = relative_errors(got[a], got[b], wkv_scales(inputs[-1], 2.0))
+        assert max(errors) < 1e-5, (a, b, errors)
+    w, u, k, v, _ = wkv_inputs(6, 1, 300, 2, 1.0, 50.0, 5.0, device='cuda', signed=True)  # float64, 3 chunks
+    for p in WKV_KERNELS:
+        fn = getattr(hpcm, f'bi_wkv_{p}')
+        assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in (w, u, k, v)], fast_mode=True)
+        with torch.no_grad():
+            assert torch.equal(fn(*inputs[:4]), got[p][0])
+
+
+@needs_cupy[0]
+@needs_cupy[1]
+def test_wkv_default_path_on_cuda_is_naive_for_few_short_rows_else_chunked(monkeypatch):
+    monkeypatch.delenv('HPCM_WKV', raising=False)
+    calls = []
+    for p in WKV_KERNELS:
+        kernel = getattr(hpcm, f'bi_wkv_{p}')
+        counted = lambda *a, p=p, kernel=kernel: calls.append(p) or kernel(*a)
+        monkeypatch.setattr(hpcm, f'bi_wkv_{p}', counted)
+        monkeypatch.setitem(hpcm._WKV_PATHS, p, counted)
+    rows = hpcm._WKV_NAIVE_MAX_ROWS
+    for B, T, C in ((1, hpcm._WKV_NAIVE_MAX_T, 3), (1, hpcm._WKV_NAIVE_MAX_T + 1, 3), (2, 5, rows // 2 + 1)):
+        hpcm.bi_wkv(*wkv_inputs(7, B, T, C, 1.0, 0.0, 1.0, dtype=torch.float32, device='cuda')[:4])
+    assert calls == ['naive', 'cuda', 'cuda']
+    monkeypatch.setenv('HPCM_WKV', 'naive')
+    hpcm.bi_wkv(*wkv_inputs(7, 1, 5, 3, 1.0, 0.0, 1.0, dtype=torch.float32, device='cuda')[:4])
+    assert calls[-1] == 'naive'
+    w, u, k, v, _ = wkv_inputs(8, 1, 1, 2, 1.0, 0.0, 1.0, dtype=torch.float32, device='cuda')
     with pytest.raises(ValueError, match='batch B must be at most 65535'):
         hpcm.bi_wkv_cuda(w, u, k.new_zeros(65536, 1, 2), v.new_zeros(65536, 1, 2))
-    monkeypatch.delenv('HPCM_WKV', raising=False)
-    calls, kernel = [], hpcm.bi_wkv_cuda
-    monkeypatch.setattr(hpcm, 'bi_wkv_cuda', lambda *a: calls.append(a) or kernel(*a))
-    hpcm.bi_wkv(w.float(), u.float(), k.float(), v.float())
-    assert len(calls) == 1  # the default path on CUDA is the kernel, not the scan
+    with pytest.raises(ValueError, match='float32 or float64'):
+        hpcm.bi_wkv_naive(w, u, k.half(), v.half())
 
 
 def test_rwkv_omni_shift_fused_equals_branches():
@@ -1968,22 +2027,32 @@ def test_rwkv_fusion_net_checkpoint_same_values_and_grads():
         hpcm.init_rwkv_fusion_net(gen, 4, num_blocks=-1)
 
 
-def test_rwkv_helpers():
+def test_hpcm_conv2d_matches_torch_and_refuses_bad_groups():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 6, 4, 5, generator=gen)
     conv = hpcm.init_conv2d(gen, 6, 4, 3, groups=2)
     torch.testing.assert_close(hpcm.conv2d(conv, x), F.conv2d(x, conv['weight'], conv['bias'], padding=1, groups=2))
+    with pytest.raises(ValueError, match='groups=4'):
+        hpcm.init_conv2d(gen, 6, 4, 3, groups=4)
+    with pytest.raises(ValueError, match='multiple of 3'):
+        hpcm.conv2d(conv, x[:, :4])
+
+
+def test_hpcm_layer_norm_channels_normalises_each_pixel_over_channels():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 4, 5, generator=gen)
     ln = hpcm.init_layer_norm(gen, 6)
     ln['weight'], ln['bias'] = torch.rand(6, generator=gen), torch.randn(6, generator=gen)
     mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
     ref = (x - mean) / torch.sqrt(var + 1e-5) * ln['weight'][:, None, None] + ln['bias'][:, None, None]
     torch.testing.assert_close(hpcm.layer_norm_channels(ln, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hpcm_linear_is_x_times_weight_transposed_plus_bias():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 5, 6, generator=gen)
     lin = hpcm.init_linear(gen, 6, 3)
-    torch.testing.assert_close(hpcm.linear(lin, x.movedim(1, -1)), x.movedim(1, -1) @ lin['weight'].T + lin['bias'])
-    with pytest.raises(ValueError, match='groups=4'):
-        hpcm.init_conv2d(gen, 6, 4, 3, groups=4)
-    with pytest.raises(ValueError, match='multiple of 3'):
-        hpcm.conv2d(conv, x[:, :4])
+    torch.testing.assert_close(hpcm.linear(lin, x), x @ lin['weight'].T + lin['bias'])
 
 
 # ================================================================================================================
@@ -2725,13 +2794,16 @@ def test_dist_two_gloo_ranks_equal_one_process_on_the_union(tmp_path, capsys):
 @needs_cupy[0]
 @needs_cupy[1]
 def test_speed_bench_wkv_rows():
-    """bench.py wkv: a row per (size, T, path), dense only up to dense_max_T, both timings present."""
+    """bench.py wkv: the codec rows, then the long rows, a row per (shape, path); dense only up to dense_max_T, the
+    scan only up to scan_max_elems; every timing present."""
     import bench
-    args = argparse.Namespace(sizes='2x8', lengths='16,300', paths='cuda,scan,dense', repeats=3, dense_max_T=64,
-                              scan_max_elems=2 ** 28)
+    args = argparse.Namespace(small='1x8x5', sizes='2x8', lengths='16,300', paths='auto,naive,cuda,scan,dense',
+                              repeats=3, dense_max_T=64, scan_max_elems=2 * 300 * 8 - 1)
     rows = bench.run_wkv(args)
-    assert [(r['T'], r['path']) for r in rows] == [(16, 'cuda'), (16, 'scan'), (16, 'dense'), (300, 'cuda'),
-                                                  (300, 'scan')]
+    assert [(r['rows'], r['T'], r['path']) for r in rows] == (
+        [('codec', 5, p) for p in ('auto', 'naive', 'cuda', 'scan', 'dense')]
+        + [('long', 16, p) for p in ('auto', 'naive', 'cuda', 'scan', 'dense')]
+        + [('long', 300, p) for p in ('auto', 'naive', 'cuda')])
     assert all(0 < r['fwd_ms'] < r['wall_ms'] and r['gpu_ms'] > 0 for r in rows)
 
 

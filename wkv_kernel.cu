@@ -1,41 +1,33 @@
-// Bi-WKV4 forward and backward kernels, loaded by hpcm.py with cupy.RawModule.
+// Bi-WKV4 forward and backward on the GPU, loaded by hpcm.py with cupy.RawModule. Read it in this order:
+//   0. the running-maximum state every kernel here uses (St, merge, push),
+//   1. the naive kernels: one thread per (b, c) walks its row right to left, then left to right, forward and
+//      backward; one launch a pass, which makes them the faster ones for few short rows (hpcm.bi_wkv's choice),
+//   2. the chunked kernels: the same walks cut into chunks of BL tokens, so that B * C * T / 8 threads share a row;
+//      three launches a pass (summaries, carries, apply), 11x Vision-RWKV's kernel at (64, 640, 4096),
+//   3. the lean frames: an optimisation of kernel 2's per-thread work (one ex2 and two fma per token instead of a
+//      rescaled merge), taken where its checks pass and kernel 2's exact path otherwise.
+// hpcm.py's bi_wkv_dense is the formula and bi_wkv_scan the same walks in torch; every path is tested against the
+// dense float64 one (test_all.py).
 //
-// Per channel, with w and u already divided by T (hpcm.py does that, as Vision-RWKV's call site does):
-//   y_t = (sum_{i!=t} e^{-(|t-i|-1)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i!=t} e^{-(|t-i|-1)w + k_i} + e^{u+k_t})
+// Per channel, with w and u the raw decay and bonus (the kernels divide them by T, as Vision-RWKV's call site does):
+//   y_t = (sum_{i!=t} e^{-(|t-i|-1)w/T + k_i} v_i + e^{u/T + k_t} v_t)
+//         / (sum_{i!=t} e^{-(|t-i|-1)w/T + k_i} + e^{u/T + k_t})
+// The gradients are written once, in hpcm.py above _BiWKVScan.backward: the backward is one more Bi-WKV walk, over
+// keys kappa_t = -log Z_t and values gy_t, gy_t y_t, with distance-weighted sums (a2, b2) for gw. The forward writes
+// log Z (unless no gradient is wanted, chunked kernels only) so that the backward never recomputes the forward.
+//
 // Every sum lives in a state (r, n, a, b) that means e^{r - n w} (a, b): r is the key of the largest term and n
 // its distance in tokens, so the running maximum is never decayed step by step (no rounding error piles up over
 // long T), and exponent differences are taken as (r1 - r2) - (n1 - n2) w. Adding a term rescales by
-// e^{x - max} <= 1, so nothing overflows for any k or w, and no sum is ever subtracted from another
-// (Vision-RWKV's kernel subtracts running sums, which is why it loses all precision once w*T is large).
-// Keys are taken relative to k[b, 0, c] (y does not change when a channel's keys shift together), which keeps
-// every exponent small when k carries a large offset. All exponents are in base 2: keys, w and u are scaled by
-// log2 e on load, and log Z is written as log2 Z.
+// e^{x - max} <= 1, so nothing overflows for any k or w of either sign, and no sum is ever subtracted from another
+// (Vision-RWKV's kernel subtracts running sums, which is why it loses all precision once w is large). Keys are taken
+// relative to k[b, 0, c] (y does not change when a channel's keys shift together), which keeps every exponent small
+// when k carries a large offset. All exponents are in base 2: keys, w and u are scaled by log2 e on load, and log Z
+// is written as log2 Z relative to k[b, 0, c] log2 e. With w < 0 far tokens dominate and exponents (log Z among
+// them) reach ~|w| log2 e, which float32 keeps to ~|w| 1e-7: on an H200 both kernels stay within 1e-5 of float64
+// up to |w| = 500 and reach 1.0e-5 .. 2.6e-5 at |w| = 1000 .. 2000 (the float32 torch scan: 1.3e-5 at 500).
 //
-// Two paths inside a sub-chunk (a thread's LT tokens). The exact one pushes token by token as above. The lean one,
-// taken when the sub-chunk is full, |w| is small enough (always, for w = decay / T) and the checks in side() pass,
-// weighs all LT tokens in one frame per direction (lean_summaries): one ex2 and two fma per token and direction
-// instead of a rescaled merge (a dozen instructions). Where a check fails (keys so spread that a
-// prefix would underflow in the frame) that thread takes the exact path.
-//
-// Backward, with Z_t the denominator, d_ti = |t-i| - 1 and q_t = gy_t / Z_t = gy_t e^{kappa_t}, kappa_t = -log Z_t
-// (the forward pass writes log Z unless no gradient is wanted, so the backward never recomputes the forward):
-//   gv_i = e^{k_i} (G_i + e^u q_i),  gk_i = e^{k_i} (v_i G_i - H_i + e^u q_i (v_i - y_i)),
-//   gu   = sum_t e^{u+k_t} q_t (v_t - y_t),  gw = -sum_i e^{k_i} (v_i G'_i - H'_i),
-// with G_i = sum_{t!=i} e^{-d_ti w} q_t, H_i the same over q_t y_t, and G', H' the same sums weighted by d_ti:
-// one more Bi-WKV scan, over keys kappa_t and values gy_t, gy_t y_t, whose states also carry the distance-weighted
-// sums (a2, b2). Nothing overflows: e^{k_i - d_ti w} <= Z_t, so e^{k_i} times a gradient state is at most O(gy)
-// (O(T gy) for a2, b2). v_i - y_i is taken from the saved y: it cancels when the bonus term dominates y_i, which
-// costs relative precision only where that term of gk and gu is itself small.
-//
-// Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous. T is cut into chunks of BL = LT * NS tokens (hpcm.py
-// compiles the forward with LT = 8 and the backward with LT = 6); a block, (blockIdx.x = j * ctiles + channel
-// tile, blockIdx.y = b), owns one chunk of CW channels; thread (x, s) owns the LT tokens s*LT.. of channel x.
-// Forward and backward take three launches each (both scan directions in every launch):
-//   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
-//   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
-//                    states, in place,
-//   wkv_forward<F, true> / wkv_backward<F, true>: each chunk again from its incoming states; write the outputs.
-// Inside a block one warp per direction walks the sub-chunk summaries in shared memory (block_scan).
+// Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous; w, u are (C,).
 
 #ifndef LT
 #define LT 8
@@ -46,7 +38,7 @@
 #ifndef MIN_BLOCKS  // blocks per SM the register budget must allow: 2 caps the apply kernels at 64 registers (the
 #define MIN_BLOCKS 2   // float ones fit; the double ones, used by tests only, spill)
 #endif
-#ifndef SUM_BLOCKS  // the summary kernels fit in 40 registers: 3 blocks per SM keep more loads in flight (README)
+#ifndef SUM_BLOCKS  // the summary kernels fit in 40 registers: 3 blocks per SM keep more loads in flight
 #define SUM_BLOCKS 3
 #endif
 #ifndef CW  // channels per block: one warp's lanes (hpcm.py passes its _WKV_CW, so the two cannot disagree)
@@ -57,12 +49,12 @@ static_assert(CW == 32, "a block row of channels is one warp, one lane per chann
 static_assert(NS >= 2, "block_scan walks the two directions with warps 0 and 1");
 static_assert(12 * NS * CW * sizeof(double) <= 48 * 1024, "wkv_backward<double>'s shared memory exceeds 48 KiB");
 
-// a2, b2: the same sums weighted by each term's distance, carried only when D (the backward's states, for gw)
-template <typename F> struct St { F r, n, a, b, a2, b2; };
+// ================================================================================================================
+// 0. The running-maximum state
 
 // Exponents are in base 2 (keys, w and u are scaled by log2 e on load), so every exponential is one ex2 instruction.
 // y = num / den and log den with den in [1, T]: the fast instructions (ex2 2 ulp, __fdividef 2 ulp there, lg2
-// 2^-22 absolute on [0.5, 2] and a few ulp beyond) keep the kernel's measured error under 1e-6 (README)
+// 2^-22 absolute on [0.5, 2] and a few ulp beyond) keep the kernels' measured error under 1e-6.
 #define L2E 1.4426950408889634
 __device__ __forceinline__ float ex(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ double ex(double x) { return exp2(x); }
@@ -70,6 +62,14 @@ __device__ __forceinline__ float lg(float x) { float y; asm("lg2.approx.ftz.f32 
 __device__ __forceinline__ double lg(double x) { return log2(x); }
 __device__ __forceinline__ float dv(float x, float y) { return __fdividef(x, y); }
 __device__ __forceinline__ double dv(double x, double y) { return x / y; }
+
+// w or u of channel c divided by T, in log2 units (__drcp_rn: 1 / T without a division's slow-path call)
+template <typename F> __device__ __forceinline__ F per_token(const F *x, int c, int T) {
+    return F(double(x[c]) * L2E * __drcp_rn(double(T)));
+}
+
+// a2, b2: the same sums weighted by each term's distance, carried only when D (the backward's states, for gw)
+template <typename F> struct St { F r, n, a, b, a2, b2; };
 
 // "minus infinity" that stays finite under the few additions a state sees, so no inf - inf appears
 template <typename F> __device__ __forceinline__ St<F> empty() {
@@ -94,9 +94,129 @@ template <typename F, bool D> __device__ __forceinline__ St<F> merge(St<F> x, F 
     return m;
 }
 
+// the state one token further on, after token (key, va, vb)
 template <typename F, bool D> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb) {
     s = merge<F, D>(s, F(1), St<F>{key, F(0), va, vb, F(0), F(0)}, w);
 }
+
+// ================================================================================================================
+// 1. The naive kernels: one thread per (b, c), grid ceil(B C / 32) blocks of 32 threads (adjacent threads take
+// adjacent channels, so every load of a warp is one 128-byte line). Each walks its row twice, O(T) per thread.
+
+// Calls step(t, load(t)) for t = 0..T-1 (T-1..0 when REVERSE), loading NAIVE_TB tokens before stepping through them:
+// a thread walks its row alone, and a load waited for token by token (~600 cycles) costs more than the step.
+#define NAIVE_TB 8
+template <bool REVERSE, typename Load, typename Step>
+__device__ __forceinline__ void walk(int T, Load load, Step step) {
+    for (int i0 = 0; i0 < T; i0 += NAIVE_TB) {
+        decltype(load(0)) x[NAIVE_TB];
+#pragma unroll
+        for (int j = 0; j < NAIVE_TB; ++j)
+            if (i0 + j < T) x[j] = load(REVERSE ? T - 1 - (i0 + j) : i0 + j);
+#pragma unroll
+        for (int j = 0; j < NAIVE_TB; ++j)
+            if (i0 + j < T) step(REVERSE ? T - 1 - (i0 + j) : i0 + j, x[j]);
+    }
+}
+
+// a side's sums as (log2 of its denominator, the mean of its values); an empty side weighs nothing
+template <typename F> __device__ __forceinline__ void log_mean(St<F> s, F w, F &l, F &mean) {
+    const bool any = s.b > F(0);
+    l = any ? expo(s, w) + lg(s.b) : empty<F>().r;
+    mean = any ? dv(s.a, s.b) : F(0);
+}
+
+// Right to left, the sums entering each token from the right are parked in y and log Z as (mean, log2 den);
+// left to right, y_t is the mean of the left side's mean, the right side's and v_t, weighted by their denominators
+// and the bonus e^{u + k_t}; log2 Z_t = log2 of the sum of those three weights.
+template <typename F>
+__global__ void wkv_forward_naive(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_,
+                                  const F *__restrict__ k_, const F *__restrict__ v_, F *__restrict__ y_,
+                                  F *__restrict__ logz_) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * C) return;
+    const int c = i % C;
+    const long long row = i - c;  // b * C: token t of this row is at row * T + t * C + c
+    const F *k = k_ + row * T + c, *v = v_ + row * T + c;
+    F *y = y_ + row * T + c, *logz = logz_ + row * T + c;
+    const F w = per_token(w_, c, T), u = per_token(u_, c, T), k0 = k[0];
+    struct Token { F key, v, mean, logden; };  // key and value; the right side's sums, parked
+    St<F> s = empty<F>();
+    walk<true>(T, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
+               [&](int t, Token x) {
+                   log_mean(s, w, logz[(long long)t * C], y[(long long)t * C]);
+                   push<F, false>(s, w, x.key, x.v, F(1));
+               });
+    s = empty<F>();
+    walk<false>(T, [&](int t) {
+        const long long o = (long long)t * C;
+        return Token{(k[o] - k0) * F(L2E), v[o], y[o], logz[o]};
+    }, [&](int t, Token x) {
+        F left, left_mean;
+        log_mean(s, w, left, left_mean);
+        const F uk = u + x.key, top = fmax(fmax(left, x.logden), uk);
+        const F eL = ex(left - top), eR = ex(x.logden - top), eU = ex(uk - top), den = eL + eR + eU;
+        y[(long long)t * C] = dv(fma(eL, left_mean, fma(eR, x.mean, eU * x.v)), den);
+        logz[(long long)t * C] = top + lg(den);
+        push<F, false>(s, w, x.key, x.v, F(1));
+    });
+}
+
+// The gradient walk (hpcm.py's formulas): right to left, each token's share of gk, gv from the sums entering it from
+// the right is parked in gk, gv; left to right, the left side's share and the bonus term's are added. e is e^{k_t}
+// times the state's scale; gw, gu (for raw w, u: divided by T) go to (B, C) partial sums that the caller adds up.
+template <typename F>
+__global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_,
+                                   const F *__restrict__ k_, const F *__restrict__ v_, const F *__restrict__ y_,
+                                   const F *__restrict__ logz_, const F *__restrict__ gy_, F *__restrict__ gk_,
+                                   F *__restrict__ gv_, F *__restrict__ gw_, F *__restrict__ gu_) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * C) return;
+    const int c = i % C;
+    const long long row = i - c;
+    const F *k = k_ + row * T + c, *v = v_ + row * T + c, *y = y_ + row * T + c, *logz = logz_ + row * T + c,
+            *gy = gy_ + row * T + c;
+    F *gk = gk_ + row * T + c, *gv = gv_ + row * T + c;
+    const F w = per_token(w_, c, T), u = per_token(u_, c, T), k0 = k[0];
+    struct Token { F key, v, y, kappa, gy, gk, gv; };  // kappa = -log2 Z; gk, gv: the right side's share, parked
+    auto load = [&](int t, bool parked) {
+        const long long o = (long long)t * C;
+        return Token{(k[o] - k0) * F(L2E), v[o], y[o], -logz[o], gy[o], parked ? gk[o] : F(0), parked ? gv[o] : F(0)};
+    };
+    F gw = 0, gu = 0;
+    St<F> s = empty<F>();
+    walk<true>(T, [&](int t) { return load(t, false); }, [&](int t, Token x) {
+        const F e = ex(x.key + expo(s, w));
+        gk[(long long)t * C] = e * fma(x.v, s.a, -s.b);
+        gv[(long long)t * C] = e * s.a;
+        gw = fma(e, fma(x.v, s.a2, -s.b2), gw);
+        push<F, true>(s, w, x.kappa, x.gy, x.gy * x.y);
+    });
+    s = empty<F>();
+    walk<false>(T, [&](int t) { return load(t, true); }, [&](int t, Token x) {
+        const F e = ex(x.key + expo(s, w));
+        const F eb = ex(u + x.key + x.kappa) * x.gy, vy = eb * (x.v - x.y);  // the bonus term: e^{u+k_t} q_t
+        gk[(long long)t * C] = x.gk + fma(e, fma(x.v, s.a, -s.b), vy);
+        gv[(long long)t * C] = x.gv + fma(e, s.a, eb);
+        gw = fma(e, fma(x.v, s.a2, -s.b2), gw);
+        gu += vy;
+        push<F, true>(s, w, x.kappa, x.gy, x.gy * x.y);
+    });
+    gw_[i] = dv(-gw, F(T));
+    gu_[i] = dv(gu, F(T));
+}
+
+// ================================================================================================================
+// 2. The chunked kernels. T is cut into chunks of BL = LT * NS tokens (hpcm.py compiles the forward with LT = 8 and
+// the backward with LT = 6); a block, (blockIdx.x = j * ctiles + channel tile, blockIdx.y = b), owns one chunk of CW
+// channels; thread (x, s) owns the LT tokens s*LT.. of channel x (a sub-chunk). Each pass is three launches (both
+// scan directions in every launch):
+//   wkv_forward<F, false> / wkv_backward<F, false>: each chunk's two summaries (what it hands right and left),
+//   wkv_carry<F, D>: a serial pass over the chunks of each (b, c, direction), turning summaries into incoming
+//                    states, in place,
+//   wkv_forward<F, true> / wkv_backward<F, true>: each chunk again from its incoming states; write the outputs.
+// Inside a block one warp per direction walks the sub-chunk summaries in shared memory (block_scan). Each thread
+// summarises its own tokens exactly (push by push), or with section 3's lean frames where those are safe.
 
 struct Tile {
     int b, j, c, s, cs, t0, len, nchunk;
@@ -192,45 +312,6 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs
     __syncthreads();
 }
 
-// an empty() state, however often merged with others empty too: its r stays near the sentinel
-template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return s.r < empty<F>().r * F(0.5); }
-
-// The lean path, for a full sub-chunk (LT tokens) with |w| <= LEAN_W: no running maximum token by token. All LT
-// tokens are weighed in one frame per direction, referenced to kmax, the largest key: token p weighs
-// ef[p] = 2^(key_p - kmax - (LT-1-p) w) as seen by the token after the sub-chunk, er[p] = 2^(key_p - kmax - p w) as
-// seen by the token before it. Every weight is below 2^(LT |w|) and the largest is above 2^-(LT |w|), so no sum
-// overflows or vanishes, and each weight is one ex2 of an exactly formed difference (fma). The states then read
-// (kmax, 0, sums): their exponent is that of kmax, not of the largest term, which merge() does not need.
-#define LEAN_W (30.0 / (2 * LT))  // |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90
-#define LEAN_MIN (-60.0)           // the smallest frame weight (log2) a lean prefix may start from
-template <typename F, bool D>
-__device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
-                                               St<F> &fw, St<F> &rv) {
-    kmax = key[0];
-#pragma unroll
-    for (int p = 1; p < LT; ++p) kmax = fmax(kmax, key[p]);
-#pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        const F d = key[p] - kmax;
-        ef[p] = ex(fma(F(p - (LT - 1)), w, d));
-        er[p] = ex(fma(F(-p), w, d));
-    }
-    // distance-weighted sums (D): one step further away for every token added after it
-    fw = rv = St<F>{kmax, F(0), F(0), F(0), F(0), F(0)};
-#pragma unroll
-    for (int p = 0; p < LT; ++p) {
-        if (D) { fw.a2 += fw.a; fw.b2 += fw.b; }
-        fw.a = fma(ef[p], va[p], fw.a);
-        fw.b = fma(ef[p], vb[p], fw.b);
-    }
-#pragma unroll
-    for (int p = LT - 1; p >= 0; --p) {
-        if (D) { rv.a2 += rv.a; rv.b2 += rv.b; }
-        rv.a = fma(er[p], va[p], rv.a);
-        rv.b = fma(er[p], vb[p], rv.b);
-    }
-}
-
 // The exact path: push token by token, each state keeping the key of its largest term and that term's distance.
 template <typename F, bool D>
 __device__ __forceinline__ void exact_summaries(const F *key, const F *va, const F *vb, int len, F w, St<F> &fw,
@@ -245,31 +326,16 @@ __device__ __forceinline__ void exact_summaries(const F *key, const F *va, const
         if (p < len) push<F, D>(rv, w, key[p], va[p], vb[p]);
 }
 
-// One side's frame for the lean apply: the carry c (the state entering the sub-chunk from that side) against the
-// sub-chunk's own weights, in whichever of the two frames is larger. `off` is the carry's exponent minus the
-// weights' frame exponent (the same for both sides); the side's exponent at token p is base -/+ p w; sc scales the
-// carry's sums, st the weights. ok: the sums entering the first token that has any stay above 2^LEAN_MIN, so no
-// term that matters is lost to underflow (first: the weight of the side's first token).
-template <typename F> struct Side { F base, sc, st; bool ok; };
-template <typename F>
-__device__ __forceinline__ Side<F> side(St<F> c, F kmax, F w, F frame_base, F carry_base, F first) {
-    const F off = (c.r - kmax) - (c.n + F(LT)) * w;
-    const bool carry_wins = off > F(0);
-    const F e = ex(-fabs(off));
-    return {carry_wins ? carry_base : frame_base, carry_wins ? F(1) : e, carry_wins ? e : F(1),
-            off >= F(LEAN_MIN) || (is_empty(c) && first >= ex(F(LEAN_MIN)))};
-}
-// Both sides' frames, left from fw (exponent base - p w) and right from rv (base + p w); true when the lean apply
-// may run: lean summaries were taken and neither side's check failed.
-template <typename F>
-__device__ __forceinline__ bool lean_sides(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
-                                           Side<F> &L, Side<F> &R) {
-    if (lean) {
-        L = side(fw, kmax, w, fma(F(LT), w, kmax), fw.r - fw.n * w, ef[0]);
-        R = side(rv, kmax, w, kmax + w, rv.r - (rv.n + F(LT - 1)) * w, er[LT - 1]);
-    }
-    return lean && L.ok && R.ok;
-}
+// Section 3's lean frames, used by the kernels below where they are safe (declared here, defined after them).
+template <typename F, bool D>
+__device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
+                                               St<F> &fw, St<F> &rv);
+template <typename F, typename Out>
+__device__ __forceinline__ bool lean_forward(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, F *er,
+                                             const F *vv, Out out);
+template <typename F, typename Bonus, typename Grad, typename Store, typename Add>
+__device__ __forceinline__ bool lean_backward(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
+                                              const F *kk, Bonus bonus, Grad grad, Store store, Add add);
 
 // Summarise this thread's tokens (keys `key`, values va, vb) both ways, lean or exact, and scan the summaries across
 // the block. With `carries` (the chunk's incoming states) fw, rv come back as the states entering this sub-chunk
@@ -301,15 +367,19 @@ __device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Til
         dst[p] = q.live && p < q.len ? (src[q.off + (long long)p * C] - shift) * scale : F(0);
 }
 
+// the lean frames' |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90 (section 3)
+#define LEAN_W (30.0 / (2 * LT))
+#define LEAN_MIN (-60.0)  // the smallest frame weight (log2) a lean prefix may start from
+
 // APPLY = false: write each chunk's summaries into S. APPLY = true: S holds the carries; write y and, unless
-// logz_ is null, log2 Z (relative to k[b, 0, c] log2 e, like the keys).
+// logz_ is null, log2 Z.
 template <typename F, bool APPLY>
 __global__ void __launch_bounds__(CW * NS, APPLY ? MIN_BLOCKS : SUM_BLOCKS)
 wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
             const F *__restrict__ v_, F *__restrict__ S, F *__restrict__ y_, F *__restrict__ logz_) {
     __shared__ F sh[8 * NS * CW];  // [2][4][NS][CW]: block_scan without the distance-weighted sums
     Tile q = tile(T, C);
-    const F w = q.live ? w_[q.c] * F(L2E) : F(0), u = q.live ? u_[q.c] * F(L2E) : F(0);
+    const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
     F kk[LT], vv[LT], one[LT], kmax, ef[LT], er[LT];
     load_tokens(k_, q, C, kk, k0, F(L2E));
@@ -332,28 +402,7 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
             if (logz_) logz_[q.off + (long long)p * C] = top + lg(den);
         }
     };
-    Side<F> L, R;
-    if (lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) {
-        // from the right first, keeping each token's sums in er (numerator) and dc (denominator)
-        F nc = rv.a * R.sc, dcs = rv.b * R.sc, dc[LT];
-#pragma unroll
-        for (int p = LT - 1; p >= 0; --p) {
-            const F e = er[p] * R.st;
-            er[p] = nc;
-            dc[p] = dcs;
-            nc = fma(e, vv[p], nc);
-            dcs += e;
-        }
-        F na = fw.a * L.sc, da = fw.b * L.sc;
-#pragma unroll
-        for (int p = 0; p < LT; ++p) {
-            out(p, fma(F(-p), w, L.base), na, da, fma(F(p), w, R.base), er[p], dc[p]);
-            const F e = ef[p] * L.st;
-            na = fma(e, vv[p], na);
-            da += e;
-        }
-        return;
-    }
+    if (lean_forward(lean, fw, rv, kmax, w, ef, er, vv, out)) return;
     F cm[LT], ca[LT], cb[LT];
     St<F> st = rv;
 #pragma unroll
@@ -377,7 +426,7 @@ __global__ void wkv_carry(int B, int T, int C, const F *__restrict__ w_, F *__re
     if (idx >= 2LL * B * C) return;
     const int c = idx % C, b = (idx / C) % B, dir = idx / ((long long)B * C);
     const int nchunk = (T + BL - 1) / BL;
-    const F w = w_[c] * F(L2E);
+    const F w = per_token(w_, c, T);
     St<F> run = empty<F>();
     // eight chunks' summaries are loaded before any is used, so their reads overlap
     for (int j0 = 0; j0 < nchunk; j0 += 8) {
@@ -399,7 +448,8 @@ __global__ void wkv_carry(int B, int T, int C, const F *__restrict__ w_, F *__re
 }
 
 // APPLY = false: write each chunk's gradient summaries into G. APPLY = true: G holds the gradient carries;
-// write gk, gv and per-chunk partial sums of gw, gu into gw_, gu_ ((B, nchunk, C), summed by the caller).
+// write gk, gv and per-chunk partial sums of gw, gu (for raw w, u) into gw_, gu_ ((B, nchunk, C), summed by the
+// caller).
 template <typename F, bool APPLY>
 __global__ void __launch_bounds__(CW * NS, APPLY ? MIN_BLOCKS : SUM_BLOCKS)
 wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
@@ -408,7 +458,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
              F *__restrict__ gw_, F *__restrict__ gu_) {
     __shared__ F sh[12 * NS * CW];
     Tile q = tile(T, C);
-    const F w = q.live ? w_[q.c] * F(L2E) : F(0), u = q.live ? u_[q.c] * F(L2E) : F(0);
+    const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
     F ka[LT], gg[LT], yy[LT], kmax, ef[LT], er[LT];
     load_tokens(logz_, q, C, ka, F(0), F(-1));
     load_tokens(gy_, q, C, gg);
@@ -454,27 +504,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
             gv_[q.off + (long long)p * C] = pv[p];
         }
     };
-    Side<F> L, R;
-    if (lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) {
-        F a = fw.a * L.sc, b = fw.b * L.sc, a2 = fw.a2 * L.sc, b2 = fw.b2 * L.sc;
-#pragma unroll
-        for (int p = 0; p < LT; ++p) {
-            bonus(p);
-            grad(p, ex(kk[p] + fma(F(-p), w, L.base)), a, b, a2, b2);
-            a2 += a;
-            b2 += b;
-            add(p, ef[p] * L.st, a, b);
-        }
-        a = rv.a * R.sc, b = rv.b * R.sc, a2 = rv.a2 * R.sc, b2 = rv.b2 * R.sc;
-#pragma unroll
-        for (int p = LT - 1; p >= 0; --p) {
-            grad(p, ex(kk[p] + fma(F(p), w, R.base)), a, b, a2, b2);
-            store(p);
-            a2 += a;
-            b2 += b;
-            add(p, er[p] * R.st, a, b);
-        }
-    } else {
+    if (!lean_backward(lean, fw, rv, kmax, w, ef, er, kk, bonus, grad, store, add)) {
         St<F> st = fw;
 #pragma unroll
         for (int p = 0; p < LT; ++p)
@@ -502,7 +532,130 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
             sw += red[i * CW + threadIdx.x];
             su += red[(NS + i) * CW + threadIdx.x];
         }
-        gw_[q.row * C + q.c] = -sw;
-        gu_[q.row * C + q.c] = su;
+        gw_[q.row * C + q.c] = dv(-sw, F(T));
+        gu_[q.row * C + q.c] = dv(su, F(T));
     }
+}
+
+// ================================================================================================================
+// 3. Lean frames: an optimisation of section 2's per-thread work, for a full sub-chunk (LT tokens) with
+// |w| <= LEAN_W (always, for w = decay / T). No running maximum token by token: all LT tokens are weighed in one
+// frame per direction, referenced to kmax, the largest key: token p weighs ef[p] = 2^(key_p - kmax - (LT-1-p) w)
+// as seen by the token after the sub-chunk, er[p] = 2^(key_p - kmax - p w) as seen by the token before it. Every
+// weight is below 2^(LT |w|) and the largest is above 2^-(LT |w|), so no sum overflows or vanishes, and each weight
+// is one ex2 of an exactly formed difference (fma): one ex2 and two fma per token and direction, where a push costs
+// a rescaled merge (a dozen instructions). The states then read (kmax, 0, sums): their exponent is that of kmax,
+// not of the largest term, which merge() does not need. Where a check fails (keys so spread that a prefix would
+// underflow in the frame) the thread takes section 2's exact path.
+template <typename F, bool D>
+__device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
+                                               St<F> &fw, St<F> &rv) {
+    kmax = key[0];
+#pragma unroll
+    for (int p = 1; p < LT; ++p) kmax = fmax(kmax, key[p]);
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        const F d = key[p] - kmax;
+        ef[p] = ex(fma(F(p - (LT - 1)), w, d));
+        er[p] = ex(fma(F(-p), w, d));
+    }
+    // distance-weighted sums (D): one step further away for every token added after it
+    fw = rv = St<F>{kmax, F(0), F(0), F(0), F(0), F(0)};
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        if (D) { fw.a2 += fw.a; fw.b2 += fw.b; }
+        fw.a = fma(ef[p], va[p], fw.a);
+        fw.b = fma(ef[p], vb[p], fw.b);
+    }
+#pragma unroll
+    for (int p = LT - 1; p >= 0; --p) {
+        if (D) { rv.a2 += rv.a; rv.b2 += rv.b; }
+        rv.a = fma(er[p], va[p], rv.a);
+        rv.b = fma(er[p], vb[p], rv.b);
+    }
+}
+
+// an empty() state, however often merged with others empty too: its r stays near the sentinel
+template <typename F> __device__ __forceinline__ bool is_empty(St<F> s) { return s.r < empty<F>().r * F(0.5); }
+
+// One side's frame for the lean apply: the carry c (the state entering the sub-chunk from that side) against the
+// sub-chunk's own weights, in whichever of the two frames is larger. `off` is the carry's exponent minus the
+// weights' frame exponent (the same for both sides); the side's exponent at token p is base -/+ p w; sc scales the
+// carry's sums, st the weights. ok: the sums entering the first token that has any stay above 2^LEAN_MIN, so no
+// term that matters is lost to underflow (first: the weight of the side's first token).
+template <typename F> struct Side { F base, sc, st; bool ok; };
+template <typename F>
+__device__ __forceinline__ Side<F> side(St<F> c, F kmax, F w, F frame_base, F carry_base, F first) {
+    const F off = (c.r - kmax) - (c.n + F(LT)) * w;
+    const bool carry_wins = off > F(0);
+    const F e = ex(-fabs(off));
+    return {carry_wins ? carry_base : frame_base, carry_wins ? F(1) : e, carry_wins ? e : F(1),
+            off >= F(LEAN_MIN) || (is_empty(c) && first >= ex(F(LEAN_MIN)))};
+}
+// Both sides' frames, left from fw (exponent base - p w) and right from rv (base + p w); true when the lean apply
+// may run: lean summaries were taken and neither side's check failed.
+template <typename F>
+__device__ __forceinline__ bool lean_sides(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
+                                           Side<F> &L, Side<F> &R) {
+    if (lean) {  // evaluated eagerly, not short-circuited: the forward's apply then fits in 64 registers unspilled
+        L = side(fw, kmax, w, fma(F(LT), w, kmax), fw.r - fw.n * w, ef[0]);
+        R = side(rv, kmax, w, kmax + w, rv.r - (rv.n + F(LT - 1)) * w, er[LT - 1]);
+    }
+    return lean && L.ok && R.ok;
+}
+
+// The forward's lean apply (false, having written nothing, where lean is false or a check fails): from the right
+// first, keeping each token's sums in er (numerator) and dc (denominator), then from the left, writing each token
+// through out().
+template <typename F, typename Out>
+__device__ __forceinline__ bool lean_forward(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, F *er,
+                                             const F *vv, Out out) {
+    Side<F> L, R;
+    if (!lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) return false;
+    F nc = rv.a * R.sc, dcs = rv.b * R.sc, dc[LT];
+#pragma unroll
+    for (int p = LT - 1; p >= 0; --p) {
+        const F e = er[p] * R.st;
+        er[p] = nc;
+        dc[p] = dcs;
+        nc = fma(e, vv[p], nc);
+        dcs += e;
+    }
+    F na = fw.a * L.sc, da = fw.b * L.sc;
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        out(p, fma(F(-p), w, L.base), na, da, fma(F(p), w, R.base), er[p], dc[p]);
+        const F e = ef[p] * L.st;
+        na = fma(e, vv[p], na);
+        da += e;
+    }
+    return true;
+}
+
+// The backward's lean apply (false, having written nothing, where lean is false or a check fails), with
+// wkv_backward's token steps.
+template <typename F, typename Bonus, typename Grad, typename Store, typename Add>
+__device__ __forceinline__ bool lean_backward(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
+                                              const F *kk, Bonus bonus, Grad grad, Store store, Add add) {
+    Side<F> L, R;
+    if (!lean_sides(lean, fw, rv, kmax, w, ef, er, L, R)) return false;
+    F a = fw.a * L.sc, b = fw.b * L.sc, a2 = fw.a2 * L.sc, b2 = fw.b2 * L.sc;
+#pragma unroll
+    for (int p = 0; p < LT; ++p) {
+        bonus(p);
+        grad(p, ex(kk[p] + fma(F(-p), w, L.base)), a, b, a2, b2);
+        a2 += a;
+        b2 += b;
+        add(p, ef[p] * L.st, a, b);
+    }
+    a = rv.a * R.sc, b = rv.b * R.sc, a2 = rv.a2 * R.sc, b2 = rv.b2 * R.sc;
+#pragma unroll
+    for (int p = LT - 1; p >= 0; --p) {
+        grad(p, ex(kk[p] + fma(F(p), w, R.base)), a, b, a2, b2);
+        store(p);
+        a2 += a;
+        b2 += b;
+        add(p, er[p] * R.st, a, b);
+    }
+    return true;
 }
