@@ -1336,7 +1336,6 @@ def lash_setup(args):
         raise SystemExit(f"--data: {e}") from None
     print(f'data: {args.data or "built-in pydoc_data topics"}: {len(train_tokens)} train / {len(val_tokens)} val '
           f'/ {len(test_tokens)} test bytes', flush=True)
-    claim_log_dir(args)
     return device, train_tokens, val, test, to_device
 
 
@@ -1445,6 +1444,7 @@ def run_lash(args):
     if args.generate is not None:
         return lash_generate(args)
     device, train_tokens, val, test, to_device = lash_setup(args)
+    claim_log_dir(args)
     gen = make_generator(args.seed)
     cfg, params = lash_model(args, args.num_layers, gen, device)
     config = lash_training_config(args, args.num_layers)
@@ -1522,6 +1522,7 @@ def run_ashem(args):
     split. Each training stage is its own checkpoint in LOG_DIR, so --resume continues where it stopped."""
     import lash
     device, train_tokens, val, test, to_device = lash_setup(args)
+    claim_log_dir(args)
     try:
         acfg = lash.ASHEMConfig(args.phase1_layers, args.hard_example_ratio, args.phase2_layers,
                                 args.phase1_patience, args.phase2_patience, args.phase2_lr_scale)
