@@ -2919,7 +2919,8 @@ BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it mus
         ('--phase', '4', '0'), ('--preset', 'tiny', 'small'), ('--data', 'MISSING', 'DIR'),
         ('--eval_data', 'MISSING', 'DIR'), ('--eval', 'MISSING', 'FILE'), ('--ckpt', 'MISSING', 'FILE'),
         ('--quality', '7', '6'),
-        ('--lmbda', '-1', '0.01'), ('--lr', 'nan', '1e-4'), ('--batch_size', '0', '1'), ('--patch_size', '0', '64'),
+        ('--lmbda', '-1', '0.01'), ('--lr', 'nan', '1e-4'), ('--lr', '1e31', '1e30'), ('--batch_size', '0', '1'),
+        ('--patch_size', '0', '64'),
         ('--clip_max_norm', 'nan', '0'), ('--num_images', '0', '1'), ('--eval_images', '0', '1'),
         ('--eval_size', '0 64', '64 64'), ('--eval_every', '-1', '0')],
 }
@@ -3064,3 +3065,39 @@ def test_reliab_log_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, cap
     with pytest.raises(SystemExit) as e:
         train.main([*runs['lash'], '--log_dir', str(tmp_path / 'lash'), '--overwrite', '--resume'])
     assert e.value.code == 2 and 'not allowed with argument' in capsys.readouterr().err
+
+
+def test_reliab_divergence_stops_every_task_and_keeps_only_finite_checkpoints(tmp_path, capsys):
+    runs = reliab_tiny_runs(tmp_path)
+    log_dir = str(tmp_path / 'ctm_run')  # ctm sets --lr every step, so a resumed run can diverge
+    train.main([*runs['ctm'], '--training_iterations', '1', '--log_dir', log_dir])
+    before = open(os.path.join(log_dir, 'ckpt.pt'), 'rb').read()
+    capsys.readouterr()
+    for task in runs:
+        log_dir = tmp_path / f'{task}_run'
+        with pytest.raises(SystemExit) as e:
+            train.main([*runs[task], '--training_iterations', '8', '--lr', '1e30', '--batch_size', '1',
+                        '--log_dir', str(log_dir), *(['--warmup_steps', '0', '--resume'] if task == 'ctm' else
+                                                     ['--save_every', '1'])])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f'train.py {task}: error: ') and err.count('\n') == 1, err
+        assert 'training diverged' in err and ('the loss is nan' in err or 'is not finite' in err)
+        for name in (n for n in os.listdir(log_dir) if n.endswith('.pt')):
+            saved = train.read_checkpoint(str(log_dir / name))
+            assert saved['step'] < 8 and all(torch.isfinite(t).all() for t in train.tree_leaves(saved['params']))
+    assert open(tmp_path / 'ctm_run' / 'ckpt.pt', 'rb').read() == before
+
+
+def test_reliab_non_finite_weights_are_never_saved(tmp_path):
+    path = str(tmp_path / 'ckpt.pt')
+    params, opt = tiny_model()
+    train.save_checkpoint(path, {'params': params, 'step': 1})
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    for bad in (float('nan'), float('inf')):
+        with torch.no_grad():
+            params['layer']['b'][1] = bad
+        with pytest.raises(train.Diverged, match=r'payload.params.layer.b is not finite: .*ckpt.pt not written'):
+            train.save_checkpoint(path, {'params': params, 'step': 2})
+        assert (tmp_path / 'ckpt.pt').read_bytes() == before and os.listdir(tmp_path) == ['ckpt.pt']
+    with pytest.raises(train.Diverged, match='step 3: the loss is inf'):
+        train.run_loop(5, 0, lambda step: {'loss': [1.0, 0.5, float('inf')][step]}, lambda step: None)

@@ -100,6 +100,29 @@ class BadFile(ValueError):
     main() prints it as one line, no traceback, and exits with status 2."""
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights: the run stops without saving them, so the last
+    checkpoint written stays the last good one. main() prints the message as one line and exits with status 1."""
+
+
+def check_finite_loss(step, loss):
+    if not math.isfinite(loss):
+        raise Diverged(f'step {step}: the loss is {loss}: training diverged and stopped without saving (the last '
+                       'checkpoint written, if any, is kept); try a lower --lr')
+
+
+def first_non_finite(tree, key='payload'):
+    """The key of the first floating-point tensor in a nested payload with a NaN or inf in it, or None."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return key if (isinstance(tree, torch.Tensor) and tree.is_floating_point()
+                       and not bool(torch.isfinite(tree).all())) else None
+    return next((bad for k, v in items if (bad := first_non_finite(v, f'{key}.{k}')) is not None), None)
+
+
 def checkpoint_plain(value, key='payload'):
     """The payload with numpy values made tensors/Python numbers; anything else but tensors, numbers, strings,
     lists, tuples and dicts is refused (TypeError naming its key), so torch.load(weights_only=True) reads it back."""
@@ -144,8 +167,11 @@ def payload_digest(value):
 
 def save_checkpoint(path, payload):
     """Write payload and its sha256 to a temporary file in the same folder, then rename: a crash mid-write leaves
-    the old file intact."""
+    the old file intact. Non-finite weights are never written (Diverged)."""
     payload = checkpoint_plain({k: v for k, v in payload.items() if k != 'sha256'})
+    if (bad := first_non_finite(payload)) is not None:
+        raise Diverged(f'{bad} is not finite: {path} not written (the last checkpoint written, if any, is kept); '
+                       'training diverged, try a lower --lr')
     payload['sha256'] = payload_digest(payload)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
@@ -310,13 +336,15 @@ def run_loop(total_steps, start_step, step_fn, save_fn, log_every=10, save_every
              log=None):
     """The loop every task shares: step_fn(step) -> dict of floats; progress, metrics, periodic eval and saving.
 
-    The checkpoint is also written on Ctrl-C and on any exception, so nothing trained is lost; then it re-raises."""
+    The checkpoint is also written on Ctrl-C and on any exception, so nothing trained is lost; then it re-raises.
+    A non-finite loss (metrics['loss']) stops the run without saving (Diverged)."""
     progress = Progress(total_steps, start_step)
     step = start_step
     try:
         while step < total_steps:
             metrics = step_fn(step)
             step += 1
+            check_finite_loss(step, metrics.get('loss', 0.0))
             if log is not None:
                 log.write(step=step, **metrics)
             if step % log_every == 0 or step == total_steps:
@@ -328,6 +356,8 @@ def run_loop(total_steps, start_step, step_fn, save_fn, log_every=10, save_every
                     log.write(step=step, **{f'eval_{k}': v for k, v in eval_metrics.items()})
             if step % save_every == 0 and step < total_steps:
                 save_fn(step)
+    except Diverged:
+        raise
     except BaseException:
         save_fn(step)
         print(f'interrupted at step {step}: checkpoint saved, rerun with --resume to continue', file=sys.stderr)
@@ -486,12 +516,19 @@ def _read_png(data):
     return _unfilter_png(raw, h, w, channels)
 
 
+FLOAT_FLAG_LIMIT = 1e30  # beyond this float32 training overflows at once (Adam's step raises on lr >= 3.4e37)
+
+
 def flag_type(kind, low=None, high=None, above=None, odd=False):
-    """argparse type=: a finite `kind` (int or float) with low <= value <= high and value > above (None: no bound),
-    odd if asked; anything else is refused by argparse as `argument --flag: expected ..., got '...'` (status 2)."""
-    bounds = [f'> {above}' if above is not None else '', f'>= {low}' if low is not None else '',
-              f'<= {high}' if high is not None else '']
-    expected = (f'{"an odd int" if odd else "an int" if kind is int else "a finite number"} '
+    """argparse type=: a finite `kind` (int or float) with low <= value <= high and value > above (None: no bound;
+    floats within ±FLOAT_FLAG_LIMIT), odd if asked; anything else is refused by argparse as
+    `argument --flag: expected ..., got '...'` (status 2)."""
+    if kind is float:
+        low = -FLOAT_FLAG_LIMIT if low is None and above is None else low
+        high = FLOAT_FLAG_LIMIT if high is None else high
+    bounds = [f'> {above}' if above is not None else '', f'>= {low:g}' if low is not None else '',
+              f'<= {high:g}' if high is not None else '']
+    expected = (f'{"an odd int" if odd else "an int" if kind is int else "a number"} '
                 f'{" and ".join(b for b in bounds if b)}').strip()
 
     def parse(text):
@@ -1381,6 +1418,7 @@ def lash_fit(args, stage, params, loss_fn, opt, train_batches, val_fn, max_epoch
 
     def on_step(state, loss):
         log.write(stage=stage, step=state['step'], loss=loss)
+        check_finite_loss(state['step'], loss)
         if state['step'] % args.log_every == 0:
             print(f'{stage} | ' + progress.line(state['step'], epoch=state['epoch'] + 1, loss=loss), flush=True)
         if state['step'] % args.save_every == 0:
@@ -1396,6 +1434,8 @@ def lash_fit(args, stage, params, loss_fn, opt, train_batches, val_fn, max_epoch
     try:
         lash.train_with_early_stopping(params, loss_fn, opt, train_batches, val_fn, max_epochs, patience,
                                        max_steps, state, on_step, on_epoch)
+    except Diverged:
+        raise
     except BaseException:
         save()
         print(f'{stage}: interrupted at step {state["step"]}: checkpoint saved, rerun with --resume to continue',
@@ -1898,11 +1938,11 @@ def build_parser():
     return parser
 
 
-class UsageExit(SystemExit):
-    """Exit status 2, like argparse's own errors; str() is the one-line message (main has printed it)."""
+class CliExit(SystemExit):
+    """Exit with `status` after a one-line message (main has printed it); str() is the message."""
 
-    def __init__(self, message):
-        super().__init__(2)
+    def __init__(self, message, status):
+        super().__init__(status)
         self.message = message
 
     def __str__(self):
@@ -1911,18 +1951,21 @@ class UsageExit(SystemExit):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    status = 2  # a bad flag or file, like argparse's own errors
     try:
         return SUBCOMMANDS[args.task][1](args)
     except KeyboardInterrupt:  # the task has saved its checkpoint and said so; no traceback for a Ctrl-C
         sys.exit(130)
     except BadFile as e:
         message = f'train.py {args.task}: error: {e}'
+    except Diverged as e:
+        message, status = f'train.py {args.task}: error: {e}', 1
     except SystemExit as e:  # raise SystemExit('message'): a bad flag or file
         if not isinstance(e.code, str):
             raise
         message = e.code if e.code.startswith('train.py') else f'train.py {args.task}: error: {e.code}'
     print(message, file=sys.stderr)
-    raise UsageExit(message) from None
+    raise CliExit(message, status) from None
 
 
 if __name__ == '__main__':
