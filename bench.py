@@ -4,6 +4,7 @@ Speed and memory targets are checked here, never in timed tests. Ratios are meas
 absolute times are only quoted from a GPU.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -641,7 +642,9 @@ def add_codec_train_args(p):
     p.add_argument('--batch_size', type=int, default=8)
     p.add_argument('--patch_size', type=int, default=256)
     p.add_argument('--steps', type=int, default=10, help='timed steps after 3 warm-up steps')
-    p.add_argument('--cudnn_benchmark', type=int, nargs='+', default=[1, 0], help='1: on (train.py hpcm), 0: off')
+    p.add_argument('--cudnn_benchmark', type=int, nargs='+', default=[1], help='1: on (train.py hpcm), 0: off')
+    p.add_argument('--channels_last', type=int, nargs='+', default=[0], help="1: train.py hpcm --channels_last")
+    p.add_argument('--tf32', type=int, nargs='+', default=[0], help='1: train.py hpcm --tf32')
     p.add_argument('--device', default='auto', help='cpu, cuda or auto')
     p.add_argument('--preset', default='auto', choices=('auto', 'small', 'full'))
     p.add_argument('--out', default=None)
@@ -659,32 +662,35 @@ def run_codec_train(args):
     sync = train.synchronizer(device)
     preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
     rows = []
-    for bench_flag in args.cudnn_benchmark:
+    for bench_flag, nhwc, tf32, phase in itertools.product(args.cudnn_benchmark, args.channels_last, args.tf32,
+                                                           args.phases):
         torch.backends.cudnn.benchmark = bool(bench_flag)
-        for phase in args.phases:
-            cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
-            params = train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device, True)
-            opt = torch.optim.Adam(train.tree_leaves(params), lr=1e-4)
-            step_args = argparse.Namespace(lmbda=0.013, clip_max_norm=1.0)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size, generator=gen).to(device)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats()
-            losses = [train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'] for _ in range(3)]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                losses.append(train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'])
-            sync()
-            ms = (time.perf_counter() - t0) / args.steps * 1e3
-            rows.append({'phase': phase, 'cudnn_benchmark': bench_flag, 'batch': args.batch_size,
-                         'patch': args.patch_size, 'ms_per_step': ms,
-                         'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
-                         'params': sum(t.numel() for t in train.tree_leaves(params)), 'loss_first': losses[0],
-                         'loss_last': losses[-1], 'device': str(device)})
-            print(rows[-1], flush=True)
-            del params, opt
-    torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+        params = train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device, True)
+        params = train.channels_last(params) if nhwc else params
+        opt = torch.optim.Adam(train.tree_leaves(params), lr=1e-4)
+        step_args = argparse.Namespace(lmbda=0.013, clip_max_norm=1.0)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size, generator=gen).to(device)
+        x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        losses = [train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'] for _ in range(3)]
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            losses.append(train.hpcm_train_step(params, opt, x, cfg, step_args)['loss'])
+        sync()
+        ms = (time.perf_counter() - t0) / args.steps * 1e3
+        rows.append({'phase': phase, 'cudnn_benchmark': bench_flag, 'channels_last': nhwc, 'tf32': tf32,
+                     'batch': args.batch_size, 'patch': args.patch_size, 'ms_per_step': ms,
+                     'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
+                     'params': sum(t.numel() for t in train.tree_leaves(params)), 'loss_first': losses[0],
+                     'loss_last': losses[-1], 'device': str(device)})
+        print(rows[-1], flush=True)
+        del params, opt
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False
     return rows
 
 

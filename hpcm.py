@@ -40,14 +40,22 @@ class HPCMConfig:
     checkpoint: bool = False  # gradient checkpointing inside the RWKV fusion nets
 
     def __post_init__(self):
-        if self.phase not in (0, 1, 2, 3):
-            raise ValueError(f"HPCMConfig.phase: expected 0, 1, 2 or 3, got {self.phase!r}")
-        if self.M % 8 or self.M <= 0:
-            raise ValueError(f"HPCMConfig.M: expected a positive multiple of 8 (8 channel groups), got {self.M}")
-        if (2 * self.M) % self.heads:
-            raise ValueError(f"HPCMConfig.heads: {self.heads} must divide the context width 2M = {2 * self.M}")
-        if len(self.widths) != 3:
-            raise ValueError(f"HPCMConfig.widths: expected three g_a stage widths, got {self.widths!r}")
+        """Refuse a configuration the model cannot build, naming the field and what it expects."""
+        self.widths, self.windows = tuple(self.widths), tuple(self.windows)
+        self.rwkv_hidden_rates = tuple(self.rwkv_hidden_rates)
+        checks = [(self.phase in (0, 1, 2, 3), 'phase', '0, 1, 2 or 3'),
+                  (self.M > 0 and self.M % 8 == 0, 'M', 'a positive multiple of 8 (8 channel groups)'),
+                  (self.N > 0, 'N', '> 0'),
+                  (len(self.widths) == 3 and min(self.widths) > 0, 'widths', 'three positive g_a stage widths'),
+                  (self.heads > 0 and 2 * self.M % self.heads == 0, 'heads', f'a divisor of 2M = {2 * self.M}'),
+                  (len(self.windows) == 3 and min(self.windows) > 0, 'windows', 'three positive window sides'),
+                  (len(self.rwkv_hidden_rates) == 3 and min(self.rwkv_hidden_rates) > 0, 'rwkv_hidden_rates',
+                   'three positive rates'),
+                  (self.fusion_blocks >= 0, 'fusion_blocks', '>= 0'),
+                  (self.fusion_hidden_rate > 0, 'fusion_hidden_rate', '> 0')]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f'HPCMConfig.{name}: expected {expected}, got {getattr(self, name)!r}')
 
     def rwkv_at(self, scale):
         return self.phase >= 2 or (self.phase == 1 and scale == 2)
@@ -997,9 +1005,10 @@ def rans_encode(values, table, tables, lanes, seed=0):
         row = slice(r * lanes, (r + 1) * lanes)
         f = freq[row]
         xs = x[:len(f)]
-        spill = xs >= limit[row]
-        rows.append(xs[spill].astype(np.uint32))  # the low 32 bits
-        xs = np.where(spill, xs >> np.uint64(32), xs)
+        spill = np.flatnonzero(xs >= limit[row])
+        if len(spill):
+            rows.append(xs[spill].astype(np.uint32))  # the low 32 bits
+            xs[spill] >>= np.uint64(32)
         quotient, remainder = np.divmod(xs, f)
         x[:len(f)] = (quotient << np.uint64(PRECISION)) + remainder + cum[row]
     words = np.concatenate(rows[::-1]) if rows else np.zeros(0, np.uint32)
@@ -1028,11 +1037,12 @@ def rans_decode(dec, table, tables):
         idx = base[i:i + k] + tables['symbol'][key[i:i + k] + slot.astype(np.int64)]
         xs = tables['freq'][idx] * (xs >> np.uint64(PRECISION)) + slot - tables['cum'][idx]
         low = np.flatnonzero(xs < RANS_LOW)
-        if dec['pos'] + len(low) > len(dec['words']):
-            raise ValueError("bitstream: ran out of coded words (truncated or corrupt stream)")
-        xs[low] = (xs[low] << np.uint64(32)) | dec['words'][dec['pos']:dec['pos'] + len(low)]
+        if len(low):
+            if dec['pos'] + len(low) > len(dec['words']):
+                raise ValueError("bitstream: ran out of coded words (truncated or corrupt stream)")
+            xs[low] = (xs[low] << np.uint64(32)) | dec['words'][dec['pos']:dec['pos'] + len(low)]
+            dec['pos'] += len(low)
         dec['x'][lane:lane + k] = xs
-        dec['pos'] += len(low)
         dec['count'] += k
         flat[i:i + k] = idx
         i += k

@@ -5,6 +5,7 @@ independent computation (a dense matrix, an O(T^2) sum, a hand formula, a stdlib
 """
 import argparse
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -2252,8 +2253,12 @@ def test_hpcm_transform_shapes_and_image_padding():
     assert padded.shape == (1, 3, 128, 64) and torch.equal(padded[:, :, 70:], padded[:, :, 69:70].expand(-1, -1, 58, -1))
     with pytest.raises(ValueError, match='x: expected a float image tensor'):
         hpcm.hpcm_forward(params, torch.rand(3, 64, 64), cfg)
-    with pytest.raises(ValueError, match='HPCMConfig.phase'):
-        hpcm.HPCMConfig(phase=4)
+    for field, bad in (('phase', 4), ('M', 12), ('M', 0), ('N', 0), ('widths', (8, 8)), ('widths', (8, 0, 8)),
+                       ('heads', 7), ('windows', (4, 8)), ('rwkv_hidden_rates', (2, 0, 4)), ('fusion_blocks', -1),
+                       ('fusion_hidden_rate', 0)):
+        with pytest.raises(ValueError, match=f'HPCMConfig.{field}: expected .*, got {re.escape(repr(bad))}'):
+            hpcm.HPCMConfig(**{field: bad})
+    assert hpcm.HPCMConfig(widths=[96, 192, 384]).widths == (96, 192, 384)  # from a checkpoint's JSON-like dict
 
 
 @pytest.mark.parametrize('phase', [0, 3])
@@ -2585,9 +2590,21 @@ def test_hpcm_bench_codec_and_codec_train_rows(tmp_path, monkeypatch):
     curve = bench.codec_curve(grey, img, qualities=[10, 20])
     assert [round(p[0] * 40 * 48 / 8) for p in curve] == [10, 20] and math.isclose(
         curve[0][1], 10 * math.log10(255 ** 2 / ((img.astype(float) - 128) ** 2).mean()))
-    rows = bench.run_codec_train(argparse.Namespace(phases=[0], batch_size=1, patch_size=64, steps=1,
-                                                    cudnn_benchmark=[0], device='cpu', preset='small'))
-    assert len(rows) == 1 and rows[0]['ms_per_step'] > 0 and math.isfinite(rows[0]['loss_last'])
+    rows = bench.run_codec_train(argparse.Namespace(phases=[0], batch_size=1, patch_size=64, steps=1, tf32=[0],
+                                                    cudnn_benchmark=[0], channels_last=[0, 1], device='cpu',
+                                                    preset='small'))
+    assert [r['channels_last'] for r in rows] == [0, 1] and all(r['ms_per_step'] > 0 for r in rows)
+
+
+def test_hpcm_channels_last_params_compute_the_same_values():
+    cfg, params = hpcm_tiny(3)
+    nhwc = train.channels_last(params)
+    assert all(a.is_contiguous(memory_format=torch.channels_last) for a in train.tree_leaves(nhwc) if a.dim() == 4)
+    x = hpcm.synthetic_image(torch.Generator().manual_seed(0), 64, 64)[None]
+    with torch.no_grad():
+        ref = hpcm.hpcm_forward(params, x, cfg)
+        out = hpcm.hpcm_forward(nhwc, x.contiguous(memory_format=torch.channels_last), cfg)
+    assert torch.allclose(out[0], ref[0], atol=1e-5) and math.isclose(out[2].item(), ref[2].item(), rel_tol=1e-4)
 
 # ================================================================================================================
 # train.py ctm: the CUDA-graph fast path and data-parallel training

@@ -1677,6 +1677,9 @@ def add_hpcm_args(p):
                    help='size of generated held-out images (default: 256 256 full, 128 128 small)')
     p.add_argument('--eval_every', type=nonneg_int, default=100, help='0: never')
     p.add_argument('--grad_checkpoint', action='store_true', help='gradient checkpointing in the RWKV fusion nets')
+    p.add_argument('--channels_last', action='store_true',
+                   help='keep images and conv weights in NHWC layout (cuDNN speed on GPUs; the same values)')
+    p.add_argument('--tf32', action='store_true', help='TF32 matmuls on CUDA (convolutions use TF32 by default)')
 
 
 def hpcm_error(message):
@@ -1722,7 +1725,7 @@ def load_for_inference(path, device='cpu'):
     if not isinstance(payload.get('hpcm_config'), dict):
         raise ValueError(f"checkpoint {path}: not a checkpoint of train.py hpcm (no model config in it)")
     try:
-        cfg = hpcm.HPCMConfig(**{**payload['hpcm_config'], 'widths': tuple(payload['hpcm_config']['widths'])})
+        cfg = hpcm.HPCMConfig(**payload['hpcm_config'])
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"checkpoint {path}: its model config is not valid ({e})") from None
     params = hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0))
@@ -1802,6 +1805,17 @@ def hpcm_print_table(rows):
     return avg
 
 
+def channels_last(tree):
+    """Every 4-D tensor of a parameter tree in NHWC memory layout (values unchanged), as fresh leaves."""
+    if isinstance(tree, dict):
+        return {k: channels_last(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [channels_last(v) for v in tree]
+    if tree.dim() != 4:
+        return tree
+    return tree.detach().contiguous(memory_format=torch.channels_last).requires_grad_(tree.requires_grad)
+
+
 def hpcm_train_step(params, opt, x, cfg, args, world=1):
     """One step in place -> {'loss', 'bpp', 'psnr'} (this rank's): forward with noise, RD loss, backward,
     gradients averaged over ranks, clipping, Adam."""
@@ -1839,9 +1853,12 @@ def run_hpcm(args):
         hpcm_error(f"--patch_size: expected a multiple of 64 (y is at /16, s1 at /64), got {args.patch_size}")
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # training only: compress/decompress pin deterministic kernels
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
     cfg = hpcm_config(args, hpcm)
     gen = make_generator(args.seed)
     params = tree_to(hpcm.init_hpcm(cfg, gen), device, True)
+    if args.channels_last:
+        params = channels_last(params)
     eval_h, eval_w = args.eval_size or ((256, 256) if args.preset == 'full' else (128, 128))
     if args.eval_data or (args.eval and args.data):
         eval_images, eval_names = hpcm_images(args.eval_data or args.data, '--eval_data')
@@ -1875,6 +1892,8 @@ def run_hpcm(args):
     # the loop, evaluation and saving
     def step_fn(step):
         x = hpcm_batch(train_images, args, step, rank, world).to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return hpcm_train_step(params, opt, x, cfg, args, world)
 
     def eval_fn(step):
