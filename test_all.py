@@ -2452,6 +2452,12 @@ def test_hpcm_train_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train.main(['hpcm', '--device', 'cpu', '--patch_size', '100', '--log_dir', log_dir])
     assert exit_.value.code == 2 and '--patch_size' in capsys.readouterr().err
+    os.makedirs(tmp_path / 'photos')
+    train.write_png(str(tmp_path / 'photos' / 'big.png'), np.zeros((64, 80, 3), np.uint8))
+    train.write_png(str(tmp_path / 'photos' / 'tiny.png'), np.zeros((40, 90, 3), np.uint8))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(['hpcm', '--device', 'cpu', '--data', str(tmp_path / 'photos'), '--log_dir', str(tmp_path / 'r2')])
+    assert exit_.value.code == 2 and 'smaller than --patch_size 64: tiny.png (90x40)' in capsys.readouterr().err
 
 
 def test_hpcm_cli_compresses_and_decompresses_files(tmp_path, capsys):

@@ -1876,7 +1876,11 @@ def run_hpcm(args):
                                        os.path.join(args.log_dir, 'eval_png')))
         return
     if args.data:
-        train_images, _ = hpcm_images(args.data, '--data')
+        train_images, train_names = hpcm_images(args.data, '--data')
+        small = [f'{n} ({i.shape[1]}x{i.shape[0]})' for i, n in zip(train_images, train_names)
+                 if min(i.shape[:2]) < args.patch_size]
+        if small:
+            hpcm_error(f"--data {args.data}: images smaller than --patch_size {args.patch_size}: {', '.join(small)}")
     else:
         side = max(args.patch_size * 2, 256)
         train_images = [hpcm.tensor_to_image(hpcm.synthetic_image(gen, side, side)) for _ in range(args.num_images)]
