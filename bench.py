@@ -335,7 +335,9 @@ BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: naive and chunked 
 # plain and plastic, at the batch sizes asked for; the model is exactly `train.py ctm --preset ...`'s.
 
 CTM_PATHS = {'eager': ['--eager'], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
-             'eager+bf16': ['--eager', '--use_amp']}
+             'eager+bf16': ['--eager', '--use_amp'], 'cuda_graph+fused': ['--cuda_graph', '--tick', 'fused'],
+             'cuda_graph+compiled': ['--cuda_graph', '--tick', 'compiled'],
+             'cuda_graph+compiled+bf16': ['--cuda_graph', '--tick', 'compiled', '--use_amp']}
 CTM_CONFIGS = {'plain': [], 'bottleneck': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8'],
                'bottleneck+nlm': ['--use_hyper', '--hyper_layers', 'bottleneck', '--hyper_rank', '8',
                                   '--use_hyper_nlm', '--hyper_nlm_rank', '4']}

@@ -805,6 +805,91 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
 
 
 # ================================================================================================================
+# fast path: the fused tick (an optimisation of ctm_think: ctm_think_fast, selected by `train.py ctm --tick fused`
+# or `--tick compiled`, tested equal to ctm_think)
+#
+# Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (~300 a tick at the
+# seeds' size). ctm_think_fast does the same arithmetic in fewer, wider ops:
+# - one synchronisation accumulator for both pair sets: the out sum after tick t and the action sum read by tick
+#   t+1 add the same activated state, so their pairs are concatenated and updated together by one gather, one
+#   product and one addcmul, a recurrence over fixed tensors (no None on the first tick); beta = 1 + r + ... +
+#   r^(k-1) does not depend on the data, so 1/sqrt(beta) comes for all ticks at once (powers of r, a cumsum);
+# - the output projection and the certainty run once over all ticks after the loop (nothing in the loop reads
+#   them), and the per-tick outputs are stacked once at the end;
+# - the trace is kept neuron-major (D, B, M), the layout of the NLMs' batched matmul, with w/T and b/T folded once
+#   per forward: one baddbmm per SuperLinear instead of the einsum's permuted copies, the bias add and the division;
+# - compile_backend='inductor' runs each tick as one torch.compile'd function, which fuses the remaining elementwise
+#   work (the U-Net's layer norms with their SiLUs and skip adds, the GLUs, the synchronisation update). Its first
+#   call compiles (about a minute), so a CUDA graph is captured after it: train.py's warm-up steps do that.
+
+
+def nlm_weights_folded(p):
+    """A plain SuperLinear's (w1, b1) with the temperature folded in, neuron-major: (N, in, out), (N, 1, out)."""
+    return (p['w1'] / p['T']).permute(2, 0, 1).contiguous(), (p['b1'] / p['T']).permute(1, 0, 2)
+
+
+def nlm_fused(p, folded, trace, activated_state, cfg, train=False):
+    """nlm() on a neuron-major trace (D, B, M) -> (B, D): each plain SuperLinear one baddbmm with its folded (w, b)
+    (folded: nlm_weights_folded per layer); a plastic NLM (folded None) runs the paper form on the (B, D, M) view."""
+    if folded is None:
+        return nlm(p, trace.permute(1, 0, 2), activated_state, cfg, train)
+    rate = cfg.dropout if cfg.dropout_nlm is None else cfg.dropout_nlm
+    h = trace
+    for layer, (w, b) in zip(('l1', 'l2'), folded):
+        h = dropout(h, rate, train)
+        if 'ln' in p[layer]:
+            h = layer_norm(p[layer]['ln'], h)
+        h = glu(torch.baddbmm(b, h, w))
+    return h[..., 0].t()
+
+
+def ctm_tick_fused(params, keys_values, hypernets, folded, pairs, r, inv_sqrt_beta, carry, cfg, train=False):
+    """One tick of ctm_think_fast: carry = (trace (D, B, M), activated_state (B, D), alpha, sync) -> the next one.
+    alpha and sync hold both pair sets [action | out]; inv_sqrt_beta is this tick's row."""
+    trace, activated_state, alpha, sync = carry
+    q = linear(params['q_proj'], sync[:, :params['q_proj']['weight'].shape[1]])[:, None]  # the action part
+    attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
+    pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)
+    state = synapse_unet_stacked(params['synapses'], hypernets, pre_synapse_input, cfg.dropout, train)  # (B, D)
+    trace = torch.cat([trace[..., 1:], state.t()[..., None]], dim=-1)
+    activated_state = nlm_fused(params['nlm'], folded, trace, activated_state, cfg, train).contiguous()  # (B, D)
+    alpha = torch.addcmul(activated_state[:, pairs[0]] * activated_state[:, pairs[1]], r, alpha)  # r·alpha + z_i z_j
+    return trace, activated_state, alpha, alpha * inv_sqrt_beta
+
+
+def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
+    """ctm_think(params, buffers, kv, cfg, train) computed by the fused tick -> the same (predictions (B, out_dims,
+    T), certainties (B, 2, T), sync_out). compile_backend: None (eager) or a torch.compile backend ('inductor')."""
+    B, T = kv.shape[0], cfg.iterations
+    n_action = buffers['action_left'].shape[0]
+    pairs = tuple(torch.cat([buffers[f'action_{side}'], buffers[f'out_{side}']]) for side in ('left', 'right'))
+    decay = torch.cat([params['decay_params_action'], params['decay_params_out']]).clamp(0, 15)
+    r = torch.exp(-decay)
+    # r^0 .. r^T as exp(-k·decay), not a cumprod: cumprod's backward asks the host whether an input is zero, which a
+    # CUDA graph capture refuses
+    powers = torch.exp(-torch.arange(T + 1, device=decay.device, dtype=decay.dtype)[:, None] * decay)
+    inv_sqrt_beta = torch.rsqrt(torch.cumsum(powers, 0))  # row k: after k + 1 updates
+    activated_state = params['start_activated_state'].expand(B, -1).contiguous()
+    alpha = activated_state[:, pairs[0]] * activated_state[:, pairs[1]]  # both sums start from the start state
+    carry = (params['start_trace'][:, None].expand(-1, B, -1).contiguous(), activated_state, alpha,
+             alpha * inv_sqrt_beta[0])  # sync after one update (= alpha); a tensor of its own, as on every tick
+    keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
+    nlms = [params['nlm'][k] for k in ('l1', 'l2') if k in params['nlm']]
+    folded = None if any('hyper' in q for q in nlms) else [nlm_weights_folded(q) for q in nlms]
+    tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
+                                                                        dynamic=False)
+    hypernets = stack_hypernets(params['synapses'])  # once per forward, like the keys
+    syncs_out = []
+    for t in range(1, T + 1):
+        carry = tick(params, keys_values, hypernets, folded, pairs, r, inv_sqrt_beta[t], carry, cfg, train)
+        syncs_out.append(carry[3][:, n_action:])
+    sync_out = torch.stack(syncs_out)  # (T, B, synch size out)
+    predictions = linear(params['output_projector'], sync_out)  # (T, B, out_dims)
+    certainties = certainty(predictions.flatten(0, 1), cfg.prediction_reshaper).unflatten(0, (T, B))
+    return predictions.permute(1, 2, 0), certainties.permute(1, 2, 0), sync_out[-1]
+
+
+# ================================================================================================================
 # losses
 
 

@@ -2686,6 +2686,83 @@ def test_speed_train_step_equals_the_spelled_out_step(seed, clip, decay):
         assert all(torch.allclose(fast[k], ref[k], rtol=1e-5, atol=1e-6) for k in fast), 'params/buffers differ'
 
 
+@given(hyper=st.sampled_from([{}, dict(hyper_layers='bottleneck', use_hyper_nlm=True), dict(hyper_layers='all')]),
+       deep=st.booleans(), norm=st.booleans(), select=st.sampled_from(['first-last', 'random', 'random-pairing']),
+       depth=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=8)
+def test_speed_fused_tick_equals_the_paper_ticks_in_values_and_grads(hyper, deep, norm, select, depth, seed):
+    """ctm_think_fast (one accumulator for both synchronisations, 1/sqrt(beta) for all ticks at once, outputs after
+    the loop, neuron-major trace with folded NLM weights) against ctm_think, float64: outputs and every gradient."""
+    if depth == 1 and hyper.get('hyper_layers') == 'bottleneck':
+        hyper = {}
+    cfg = small_ctm_config(neuron_select_type=select, deep_nlms=deep, do_layernorm_nlm=norm, synapse_depth=depth,
+                           n_synch_action=6, **hyper)
+    gen = torch.Generator().manual_seed(seed)
+    params, buffers = plastic.init_ctm(cfg, gen)
+    params['decay_params_action'] = torch.rand(params['decay_params_action'].shape, generator=gen) * 4 - 1
+    params['decay_params_out'] = torch.rand(params['decay_params_out'].shape, generator=gen) * 20
+    for layer in params['nlm'].values():  # a temperature and a bias that matter
+        layer['T'], layer['b1'] = layer['T'] + 0.5, torch.rand(layer['b1'].shape, generator=gen)
+    kv = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    runs = []
+    for think in (plastic.ctm_think, plastic.ctm_think_fast):
+        tree = train.tree_to(params, 'cpu', requires_grad=True)
+        for t in train.tree_leaves(tree):
+            t.data = t.data.double()
+        outputs = think(tree, buffers, kv, cfg)
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                   for o in outputs]
+        sum((w * o).sum() for w, o in zip(weights, outputs)).backward()
+        runs.append((outputs, {k: v.grad for k, v in train.flatten(tree).items() if v.grad is not None}))
+    (paper, paper_grads), (fast, fast_grads) = runs
+    for a, b in zip(paper, fast):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert paper_grads.keys() == fast_grads.keys() and len(paper_grads) > 10
+    for k in paper_grads:
+        torch.testing.assert_close(fast_grads[k], paper_grads[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+def test_speed_fused_train_step_equals_the_paper_step(monkeypatch):
+    """ctm_train_step with tick='fused' against tick='paper', two steps in float64 with AdamW's eps at 1e-3 (which
+    bounds how far it turns a rounding difference in a near-zero gradient into a step, as the GPU test explains)."""
+    batches = speed_batches(2, 'cpu', dtype=torch.float64)
+    calls = []
+    fast = plastic.ctm_think_fast
+    monkeypatch.setattr(plastic, 'ctm_think_fast', lambda *a, **k: calls.append(k) or fast(*a, **k))
+    runs = []
+    for tick in ('paper', 'fused'):
+        cfg, params, buffers, leaves = speed_model('cpu', dtype=torch.float64, hyper_layers='bottleneck')
+        opt = torch.optim.AdamW(leaves, lr=1e-2, eps=1e-3)
+        metrics = [train.ctm_train_step(params, buffers, opt, x, y, cfg, speed_loss, tick=tick).tolist()
+                   for x, y in batches]
+        runs.append((metrics, train.flatten(params), train.flatten(buffers)))
+    assert len(calls) == 2 and calls[0]['compile_backend'] is None  # the fused steps ran the fused ticks
+    assert np.allclose(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    for paper, fused in ((runs[0][1], runs[1][1]), (runs[0][2], runs[1][2])):
+        assert all(torch.allclose(paper[k], fused[k], rtol=1e-9, atol=1e-11) for k in paper)
+
+
+def test_speed_compiled_tick_equals_the_paper_ticks():
+    """The fused tick through torch.compile (backend aot_eager on a CPU: the traced graph, not inductor's code) gives
+    ctm_think's outputs and gradients, one graph for all ticks (a recompiled tick would mean a guard on the tick)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    cfg = small_ctm_config(iterations=3)
+    params, buffers = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
+    kv = torch.randn(2, 5, 16)
+    runs = []
+    for think in (plastic.ctm_think, functools.partial(plastic.ctm_think_fast, compile_backend='aot_eager')):
+        leaves = train.tree_to(params, 'cpu', requires_grad=True)
+        outputs = think(leaves, buffers, kv, cfg)
+        outputs[0].square().sum().backward()
+        runs.append((outputs, [t.grad for t in train.tree_leaves(leaves)]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+
 def test_speed_optimizer_mode_and_set_lr_switch_between_plain_and_capturable():
     w = torch.ones(3, requires_grad=True)
     opt = torch.optim.AdamW([w], lr=0.5)
@@ -2731,8 +2808,9 @@ def test_speed_batches_made_ahead_by_workers_equal_the_direct_ones():
 
 @needs_cuda[0]
 @needs_cuda[1]
-@pytest.mark.parametrize('hyper', [{}, dict(hyper_layers='bottleneck', use_hyper_nlm=True)])
-def test_speed_cuda_graph_step_equals_eager(hyper):
+@pytest.mark.parametrize('hyper, tick', [({}, 'paper'), (dict(hyper_layers='bottleneck', use_hyper_nlm=True), 'paper'),
+                                         ({}, 'compiled'), (dict(hyper_layers='bottleneck'), 'compiled')])
+def test_speed_cuda_graph_step_equals_eager(hyper, tick):
     """3 eager warm-up steps, the capture, 3 replays: the same losses, accuracies, params and batch-norm statistics
     as the eager path, with a learning rate that changes every step (the graph must read it, not bake it in).
 
@@ -2740,7 +2818,8 @@ def test_speed_cuda_graph_step_equals_eager(hyper):
     turns such a difference in a near-zero gradient into up to a whole lr-sized step: 0.008 seen at lr 1e-2 in
     float32, 5e-5 in float64, both with eps 1e-8. So: float64, eps 1e-3 (which bounds d update/d g by lr/eps), and
     the distance between the runs measured against how far training moved them. A graph that baked in the first
-    learning rate, skipped a step or lost the batch-norm update would be ~0.3 apart on that scale."""
+    learning rate, skipped a step or lost the batch-norm update would be ~0.3 apart on that scale. tick 'compiled':
+    the captured graph replays the torch.compile'd fused tick (compiled in the warm-up steps), eager the paper one."""
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision('highest')
     device = torch.device('cuda')
@@ -2752,7 +2831,8 @@ def test_speed_cuda_graph_step_equals_eager(hyper):
             opt = torch.optim.AdamW(leaves, lr=1e-2, eps=1e-3)
             train.optimizer_mode(opt, cuda_graph, device)
             step = train.ctm_stepper(params, buffers, opt, cfg, speed_loss,
-                                     argparse.Namespace(use_amp=False, gradient_clipping=1.0, cuda_graph=cuda_graph))
+                                     argparse.Namespace(use_amp=False, gradient_clipping=1.0, cuda_graph=cuda_graph,
+                                                        tick=tick if cuda_graph else 'paper'))
             metrics = []
             for i, (x, y) in enumerate(batches):
                 train.set_lr(opt, 1e-2 / (i + 1))
@@ -2929,7 +3009,7 @@ BOUNDED_FLAGS = {  # subcommand -> (flag, a value it must refuse, a value it mus
         ('--maze_size', '8', '9'), ('--maze_size', '3', '5'), ('--maze_route_length', '0', '1'),
         ('--cirriculum_lookahead', '0', '1'), ('--n_pngs', '-1', '0'), ('--parity_sequence_length', '0', '1'),
         ('--data_root', 'MISSING', 'DIR'), ('--image_size', '0', '1'), ('--ckpt', 'MISSING', 'FILE'),
-        ('--visualize_every', '-1', '0')],
+        ('--visualize_every', '-1', '0'), ('--tick', 'fast', 'fused')],
     'lash': COMMON_FLAGS + LASH_MODEL_FLAGS + [
         ('--num_layers', '0', '1'), ('--routing_threshold', '1.5', '1'), ('--exit_layer', '0', '1'),
         ('--patience', '0', '1'), ('--ckpt', 'MISSING', 'FILE'), ('--max_new_tokens', '0', '1'),

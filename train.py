@@ -776,6 +776,9 @@ def add_ctm_args(p):
                    'after 3 eager steps and replay it (same results, several times faster; the default on CUDA)')
     g.add_argument('--eager', action='store_true', help='on CUDA, run the training step op by op instead of '
                    'replaying it from a CUDA graph (the synapse hypernetworks in their paper form)')
+    g.add_argument('--tick', choices=('paper', 'fused', 'compiled'), default='paper', help='the training step\'s '
+                   'ticks: plastic.ctm_think (paper), ctm_think_fast (fused: fewer, wider ops, same results), or its '
+                   'tick torch.compile\'d (compiled: the first step compiles for about a minute; fastest on a GPU)')
     g.add_argument('--num_workers_train', type=nonneg_int, help='processes generating maze batches ahead (default 4 '
                    'on CUDA, 0 on a CPU)')
     g.add_argument('--track_every', type=nonneg_int, default=250,
@@ -1160,19 +1163,21 @@ def ctm_answer(predictions, chosen, cfg):
 
 
 def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1,
-                   stacked=False):
+                   stacked=False, tick='paper'):
     """One training step in place -> tensor [loss, accuracy] (averaged over ranks): forward over all ticks, task
     loss, backward, gradients all-reduced over `world` ranks, optional clipping, optimizer step, decay_params
     projected back into [0, 15] (the original's in-place clamp), batch-norm running statistics copied into
     `buffers` in place (a captured graph keeps reading the same tensors). stacked: the synapse hypernetworks' fast
-    path (plastic.stack_hypernets). Nothing here waits for the GPU."""
+    path (plastic.stack_hypernets); tick: --tick (fused and compiled stack them too). Nothing here waits for the GPU."""
     import plastic
     leaves = [p for group in opt.param_groups for p in group['params']]
     # cache_enabled=False: autocast's weight-cast cache would hold tensors across a CUDA graph's capture
     with torch.autocast(x.device.type, torch.bfloat16, enabled=use_amp and x.device.type == 'cuda',
                         cache_enabled=False):
         kv, new_buffers = plastic.ctm_features(params, buffers, x, cfg, train=True)
-        predictions, certainties, _ = plastic.ctm_think(params, buffers, kv, cfg, train=True, stacked=stacked)
+        think = (functools.partial(plastic.ctm_think, stacked=stacked) if tick == 'paper' else
+                 functools.partial(plastic.ctm_think_fast, compile_backend='inductor' if tick == 'compiled' else None))
+        predictions, certainties, _ = think(params, buffers, kv, cfg, train=True)
     loss, chosen = task_loss(predictions.float(), certainties.float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -1196,7 +1201,8 @@ def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
     """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step; with args.cuda_graph on the stacked hypernetworks
     and replayed from a CUDA graph (the optimizer must be in optimizer_mode(opt, True, device))."""
     step = functools.partial(ctm_train_step, params, buffers, opt, cfg=cfg, task_loss=task_loss, use_amp=args.use_amp,
-                             gradient_clipping=args.gradient_clipping, world=world, stacked=args.cuda_graph)
+                             gradient_clipping=args.gradient_clipping, world=world, stacked=args.cuda_graph,
+                             tick=args.tick)
     return cuda_graph_step(step) if args.cuda_graph else step
 
 
@@ -1263,6 +1269,7 @@ def run_ctm(args):
     print(f'ctm | task {args.ctm_task} | {sum(t.numel() for t in leaves):,} parameters | device {device} | '
           + (f'{world} ranks x batch {args.batch_size} | ' if world > 1 else '')
           + ('CUDA graph (--eager: step by step) | ' if args.cuda_graph else 'eager | ')
+          + (f'{args.tick} tick | ' if args.tick != 'paper' else '')
           + f'{cfg.iterations} ticks, d_model {cfg.d_model}, backbone {cfg.backbone_type}'
           + (f' | mazes {args.maze_size}x{args.maze_size}, route {args.maze_route_length}'
              if args.ctm_task == 'mazes' else ''), flush=True)
