@@ -107,34 +107,33 @@ def lash_bench_setup(args):
 
 
 def paired_times(run_a, run_b, items, repeats, sync):
-    """Time run_a(item) and run_b(item) for every item, alternating which goes first; the first round is warm-up.
-    -> (seconds of a per round, seconds of b per round), `repeats` rounds each."""
+    """Time run_a(item) and run_b(item) back to back for every item, alternating which goes first, `repeats`
+    rounds after one warm-up round. -> (a, b): each the sum over items of that item's median time. Medians per
+    item, the two runs of an item side by side in time, are what a busy shared machine disturbs least."""
+    import statistics
     import time
-    rounds = []
+    times = {run_a: [[] for _ in items], run_b: [[] for _ in items]}
     for r in range(repeats + 1):
-        total = {run_a: 0.0, run_b: 0.0}
         for i, item in enumerate(items):
             for run in (run_a, run_b) if (r + i) % 2 == 0 else (run_b, run_a):
                 sync()
                 t0 = time.perf_counter()
                 run(item)
                 sync()
-                total[run] += time.perf_counter() - t0
-        rounds.append((total[run_a], total[run_b]))
-    return [a for a, _ in rounds[1:]], [b for _, b in rounds[1:]]
+                if r:
+                    times[run][i].append(time.perf_counter() - t0)
+    return tuple(sum(statistics.median(t) for t in times[run]) for run in (run_a, run_b))
 
 
 def run_lash_exit(args):
     """Routed against full-depth evaluation (lash.evaluate, statistics included) on the val and test splits of
-    the checkpoint's data: wall time as the median over repeats of routed / full, beside the FLOP cost and PPL."""
-    import argparse as ap
-    import statistics
-
+    the checkpoint's data, one batch at a time (paired_times): wall time routed / full beside FLOP cost and PPL."""
     import torch
 
     import lash
     device, cfg, params, saved, configs, threads = lash_bench_setup(args)
-    _, _, val, test, _ = train.lash_setup(ap.Namespace(**dict(saved, device=args.device)))
+    _, _, val, test, _ = train.lash_setup(argparse.Namespace(**dict(saved, device=args.device,
+                                                              batch_size=args.batch_size or saved['batch_size'])))
     batches = val + test
     sync = train.synchronizer(device)
     rows = []
@@ -145,28 +144,29 @@ def run_lash_exit(args):
             full_s, routed_s = paired_times(lambda b: lash.evaluate(params, [b], full, cfg),
                                             lambda b: lash.evaluate(params, [b], routed, cfg), batches,
                                             args.repeats, sync)
-            wall = statistics.median(b / a for a, b in zip(full_s, routed_s))
             rows.append({'threads': n, 'threshold': threshold, 'exit_layer': args.exit_layer,
-                         'tokens': f['tokens'], 'exit_rate': r['exit_rate'], 'full_s': statistics.median(full_s),
-                         'routed_s': statistics.median(routed_s), 'wall': wall, 'flop_cost': r['flop_cost'],
-                         'wall_minus_flop': wall - r['flop_cost'], 'compute_cost': r['compute_cost'],
-                         'ppl_full': f['ppl'], 'ppl_routed': r['ppl'],
-                         'ppl_change_pct': 100 * (r['ppl'] / f['ppl'] - 1),
-                         'device': str(device)})
+                         'tokens': f['tokens'], 'exit_rate': r['exit_rate'], 'full_s': full_s, 'routed_s': routed_s,
+                         'wall': routed_s / full_s, 'flop_cost': r['flop_cost'],
+                         'wall_minus_flop': routed_s / full_s - r['flop_cost'],
+                         'compute_cost': r['compute_cost'], 'ppl_full': f['ppl'], 'ppl_routed': r['ppl'],
+                         'ppl_change_pct': 100 * (r['ppl'] / f['ppl'] - 1), 'device': str(device)})
             print(rows[-1], flush=True)
     return rows
 
 
-BENCHMARKS['lash_exit'] = (lambda p: add_lash_ckpt_args(p, '0.9,0.8,0.5', 7), run_lash_exit,
+def add_lash_exit_args(p):
+    add_lash_ckpt_args(p, '0.9,0.8,0.5', 7)
+    p.add_argument('--batch_size', type=int, default=None, help="default: the checkpoint's")
+
+
+BENCHMARKS['lash_exit'] = (add_lash_exit_args, run_lash_exit,
                            'LASH/ASHEM: routed vs full evaluation, paired: wall time, FLOP cost, PPL')
 
 
 def run_lash_generate(args):
     """Greedy generation of --new_tokens bytes after each of --prompts prompts (--prompt_len bytes from evenly
-    spaced places in the validation split; each its own run, batch 1), full depth against early exit: tokens/s
-    (median over repeats of the summed runs), speed-up (median of the paired ratios) and the exit rate."""
-    import statistics
-
+    spaced places in the validation split; each its own run, batch 1), full depth against early exit (paired_times):
+    tokens/s, speed-up and the exit rate."""
     import torch
 
     import lash
@@ -190,9 +190,7 @@ def run_lash_generate(args):
             total = args.new_tokens * len(prompts)
             rows.append({'threads': n, 'threshold': threshold, 'exit_layer': args.exit_layer,
                          'tokens': total, 'exit_rate': exit_mask.float().mean().item(),
-                         'full_tok_s': total / statistics.median(full_s),
-                         'routed_tok_s': total / statistics.median(routed_s),
-                         'speedup': statistics.median(a / b for a, b in zip(full_s, routed_s)),
+                         'full_tok_s': total / full_s, 'routed_tok_s': total / routed_s, 'speedup': full_s / routed_s,
                          'same_text': f'{same}/{len(prompts)}', 'device': str(device)})
             print(rows[-1], flush=True)
     return rows

@@ -15,9 +15,9 @@ the shallow part.
 Early exit in a causal transformer: a token that exits at layer e is not processed by layers e+1..L, but tokens
 after it still attend to it in those layers. We copy its exit hidden state upward (as CALM, Schuster et al. 2022,
 does for skipped layers): layer l > e computes the exited token's key and value from that copied state, and
-nothing else for it (no query, output projection or feed-forward). `routed_flops` charges exactly that (the batched
-forward also forms the exited tokens' rows of the causal attention with a zero query and drops them: see
-`attention`). `generate` decodes token by token with a key/value cache and the same upward copy.
+nothing else for it (no query, attention, output projection or feed-forward). `routed_flops` charges exactly that
+(the batched attention pads each row's queries to the busiest row's count: see `attention`). `generate` decodes
+token by token with a key/value cache and the same upward copy.
 """
 import math
 from dataclasses import dataclass, replace
@@ -186,31 +186,52 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def token_subset(keep):
+    """keep (B, T) bool -> the kept tokens, listed once for the layers that update only them (early exit):
+    'index' (M,), their flat positions b·T + t; 'row', 'slot' (M,), where each one's query sits in a (B, N) layout;
+    'pos' (B, N), the position of each slot; 'visible' (B, 1, N, T), each query's causal mask, or None when
+    plainly causal. The queries are packed to the left of their rows (N the busiest row's count) when that skips a
+    quarter of the attention at least; otherwise they stay in place (N = T) and the rest of each row is zero."""
+    B, T = keep.shape
+    index = keep.flatten().nonzero().squeeze(1)
+    row, t = index // T, index % T
+    N = int(keep.sum(1).max())
+    if 4 * N > 3 * T:  # a masked attention over N queries would cost as much as the causal one over T
+        return {'index': index, 'row': row, 'slot': t, 'pos': torch.arange(T, device=keep.device).expand(B, T),
+                'visible': None}
+    slot = (keep.cumsum(1) - 1)[keep]
+    pos = torch.zeros(B, N, dtype=torch.long, device=keep.device).index_put_((row, slot), t)
+    visible = torch.arange(T, device=keep.device) <= pos[:, None, :, None]
+    return {'index': index, 'row': row, 'slot': slot, 'pos': pos, 'visible': visible}
+
+
 def init_attention(gen, cfg, out_std):
     d = cfg.dim
     return {'wq': init_linear(gen, d, d), 'wk': init_linear(gen, d, d), 'wv': init_linear(gen, d, d),
             'wo': init_linear(gen, d, d, out_std)}
 
 
-def attention(p, x, cfg, index=None):
+def attention(p, x, cfg, subset=None):
     """Causal multi-head attention over x (B, T, D) -> (B, T, D).
 
-    With index (M,), flat positions b·T + t, only those tokens ask a query (early exit runs only the continuing
-    tokens) -> (M, D); every token still supplies its key and value. The other queries are zero: their rows of the
-    attention are formed and dropped (4·D·t per skipped token, against 2·D² for its query projection)."""
+    With a token_subset (early exit runs only the continuing tokens), only those tokens ask a query -> (M, D);
+    every token still supplies its key and value. The queries sit in the subset's (B, N) layout, and its mask keeps
+    each one causal at its own position."""
     B, T, D = x.shape
     H = cfg.num_heads
-    k = rearrange(linear(p['wk'], x), 'b t (h d) -> b h t d', h=H)
-    v = rearrange(linear(p['wv'], x), 'b t (h d) -> b h t d', h=H)
-    if index is None:
-        q = linear(p['wq'], x)
-    else:
-        q = x.new_zeros(B * T, D).index_copy(0, index, linear(p['wq'], x.flatten(0, 1)[index])).view(B, T, D)
-    q = rearrange(q, 'b t (h d) -> b h t d', h=H)
+    heads = lambda y: rearrange(y, 'b t (h d) -> b h t d', h=H)
     cos, sin = rope_tables(torch.arange(T, device=x.device), D // H, cfg.rope_base)  # (T, Dh/2)
-    out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
-    out = rearrange(out, 'b h t d -> b t (h d)')
-    return linear(p['wo'], out if index is None else out.flatten(0, 1)[index])
+    k, v = apply_rope(heads(linear(p['wk'], x)), cos, sin), heads(linear(p['wv'], x))
+    if subset is None:
+        q = apply_rope(heads(linear(p['wq'], x)), cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return linear(p['wo'], rearrange(out, 'b h t d -> b t (h d)'))
+    row, slot, pos = subset['row'], subset['slot'], subset['pos']
+    q = x.new_zeros(*pos.shape, D).index_put_((row, slot), linear(p['wq'], x.flatten(0, 1)[subset['index']]))
+    q = apply_rope(heads(q), cos[pos][:, None], sin[pos][:, None])  # tables (B, 1, N, Dh/2)
+    visible = subset['visible']
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None)  # (B, H, N, Dh)
+    return linear(p['wo'], rearrange(out, 'b h n d -> b n (h d)')[row, slot])
 
 
 def init_swiglu_ffn(gen, dim, hidden, out_std):
@@ -228,14 +249,14 @@ def init_block(gen, cfg, out_std):
             'ffn_norm': init_rms_norm(cfg.dim), 'ffn': init_swiglu_ffn(gen, cfg.dim, cfg.ffn_dim, out_std)}
 
 
-def block(p, h, cfg, index=None):
-    """Pre-norm block on h (B, T, D). With index (M,), flat positions b·T + t, it updates only those tokens: the
-    others keep their state and supply only keys and values (early exit)."""
+def block(p, h, cfg, subset=None):
+    """Pre-norm block on h (B, T, D). With a token_subset it updates only those tokens: the others keep their
+    state and supply only keys and values (early exit)."""
     x = rms_norm(p['attn_norm'], h, cfg.norm_eps)  # every token's key and value is needed
-    h_q = h if index is None else h.flatten(0, 1)[index]
-    out = h_q + attention(p['attn'], x, cfg, index)
+    h_q = h if subset is None else h.flatten(0, 1)[subset['index']]
+    out = h_q + attention(p['attn'], x, cfg, subset)
     out = out + swiglu_ffn(p['ffn'], rms_norm(p['ffn_norm'], out, cfg.norm_eps))
-    return out if index is None else h.flatten(0, 1).index_copy(0, index, out).view_as(h)
+    return out if subset is None else h.flatten(0, 1).index_copy(0, subset['index'], out).view_as(h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,9 +321,9 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     """Two-stage forward: every token runs layers 1..exit_layer; the head reads them there; tokens with max softmax
     probability >= threshold (or those marked in exit_mask (B, T)) exit with those logits; the others continue.
 
-    The continuing tokens are listed once as flat positions, and the layers above exit_layer run their query,
-    attention output and feed-forward on those M tokens only (no per-row padding); exited tokens keep their exit
-    hidden state, which those layers read for keys and values. -> (logits (B, T, V), exit_mask (B, T))."""
+    The continuing tokens are listed once (token_subset), and the layers above exit_layer run their query,
+    attention output and feed-forward on those M tokens only; exited tokens keep their exit hidden state, which
+    those layers read for keys and values. -> (logits (B, T, V), exit_mask (B, T))."""
     if threshold is None and exit_mask is None:
         raise ValueError("forward_routed: pass threshold (a probability) or exit_mask ((B, T) bool), got neither")
     if not 1 <= exit_layer <= cfg.num_layers:
@@ -311,13 +332,13 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     logits = output_head(params, h, cfg)  # (B, T, V)
     if exit_mask is None:
         exit_mask = confidence(logits) >= threshold
-    deep = (~exit_mask).flatten().nonzero().squeeze(1)  # (M,) flat positions b·T + t of the continuing tokens
-    if exit_layer == cfg.num_layers or deep.numel() == 0:
+    if exit_layer == cfg.num_layers or exit_mask.all():
         return logits, exit_mask
+    deep = token_subset(~exit_mask)
     for layer in params['layers'][exit_layer:]:
         h = block(layer, h, cfg, deep)
-    deep_logits = output_head(params, h.flatten(0, 1)[deep], cfg)  # (M, V)
-    return logits.flatten(0, 1).index_copy(0, deep, deep_logits).view_as(logits), exit_mask
+    deep_logits = output_head(params, h.flatten(0, 1)[deep['index']], cfg)  # (M, V)
+    return logits.flatten(0, 1).index_copy(0, deep['index'], deep_logits).view_as(logits), exit_mask
 
 
 def routed_flops(cfg, exit_mask, exit_layer):
@@ -325,9 +346,9 @@ def routed_flops(cfg, exit_mask, exit_layer):
 
     Per token and layer: q, k, v, o projections 8 D^2, SwiGLU feed-forward 6 D F, attention scores and weighted
     sum 4 D (t + 1) at position t; an exited token costs 4 D^2 (its key and value) in each layer above the exit
-    (forward_routed also forms its attention row, 4 D (t + 1), and drops it: not charged here). The head costs
-    2 D V per token each time it runs: once at exit_layer for all tokens, once more for the continuing ones.
-    exit_layer = num_layers with no exits is the plain forward."""
+    (the padding in forward_routed's attention is not charged). The head costs 2 D V per token each time it runs:
+    once at exit_layer for all tokens, once more for the continuing ones. exit_layer = num_layers with no exits is
+    the plain forward."""
     D, V, L = cfg.dim, cfg.vocab_size, cfg.num_layers
     exit_mask = exit_mask.double()
     B, T = exit_mask.shape

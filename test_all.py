@@ -1245,15 +1245,37 @@ def test_lash_rope_relative_position(m, n, shift, half, seed):
     np.testing.assert_allclose(rot(q, m).numpy(), np.concatenate([z.real, z.imag]), atol=1e-4)
 
 
+@given(B=st.integers(1, 4), T=st.integers(1, 8), density=st.floats(0.1, 1), seed=st.integers(0, 99))
+def test_lash_token_subset_lists_each_kept_token_once_at_its_slot(B, T, density, seed):
+    keep = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < density
+    keep[0, -1] = True  # at least one token
+    s = lash.token_subset(keep)
+    listed = [(b, t) for b in range(B) for t in range(T) if keep[b, t]]  # row-major order
+    N = max(sum(row) for row in keep.tolist())
+    assert s['index'].tolist() == [b * T + t for b, t in listed]
+    packed = 4 * N <= 3 * T
+    assert s['pos'].shape == (B, N if packed else T) and (s['visible'] is None) == (not packed)
+    for m, (b, t) in enumerate(listed):
+        slot = sum(keep[b, :t].tolist()) if packed else t  # packed: its rank in the row
+        assert (s['row'][m], s['slot'][m], s['pos'][b, slot]) == (b, slot, t)
+        if packed:
+            assert s['visible'][b, 0, slot].tolist() == [j <= t for j in range(T)]
+
+
 def test_lash_attention_matches_loop_for_any_query_subset():
     cfg, params = lash_tiny()
     p = lash_scrambled(params['layers'][0]['attn'])
     gen = torch.Generator().manual_seed(3)
     B, T, D, H = 2, 6, cfg.dim, cfg.num_heads
     x = torch.randn(B, T, D, generator=gen)
-    q_pos = torch.tensor([[5, 0, 3], [2, 4, 1]])
-    got = lash.attention(p, x, cfg, (q_pos + T * torch.arange(B)[:, None]).flatten()).view(B, 3, D)
-    assert torch.allclose(lash.attention(p, x, cfg)[torch.arange(B)[:, None], q_pos], got, atol=1e-6)
+    q_pos = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    keep = torch.zeros(B, T, dtype=torch.bool).scatter(1, q_pos, True)
+    got = lash.attention(p, x, cfg, lash.token_subset(keep)).view(B, 3, D)  # packed layout
+    every = lash.attention(p, x, cfg)
+    assert torch.allclose(every[torch.arange(B)[:, None], q_pos], got, atol=1e-6)
+    keep[0] = True  # 6 queries in row 0: they stay in place
+    assert lash.token_subset(keep)['visible'] is None
+    assert torch.allclose(lash.attention(p, x, cfg, lash.token_subset(keep)), every[keep], atol=1e-6)
     Dh = D // H
     theta = cfg.rope_base ** (-np.arange(0, Dh, 2) / Dh)
 
@@ -1676,7 +1698,7 @@ def test_lash_cli_generate_and_benches_read_a_trained_checkpoint(tmp_path, capsy
     threshold = float(torch.cat([lash.confidence(lash.forward_all_layers(params, b[0], cfg)[1]).detach().flatten()
                                  for b in val + test]).median())
     rows = bench.run_lash_exit(argparse.Namespace(ckpt=ckpt, thresholds=f'{threshold!r},1', exit_layer=2,
-                                                  threads='1', repeats=1, device='cpu'))
+                                                  threads='1', repeats=1, device='cpu', batch_size=None))
     routed = lash.evaluate(params, val + test, lash.TrainingConfig({1: 0, 2: 0, 3: 1}, routing_threshold=threshold,
                                                                    exit_layer=2), cfg)
     assert rows[0]['exit_rate'] == routed['exit_rate'] > 0 and rows[0]['ppl_routed'] == pytest.approx(routed['ppl'])

@@ -1328,7 +1328,7 @@ def add_lash_model_args(p, epochs):
     p.add_argument('--batch_size', type=positive_int, default=32)
     p.add_argument('--dim', type=positive_int, default=64)
     p.add_argument('--num_heads', type=positive_int, default=4)
-    p.add_argument('--ffn_dim', type=nonneg_int, default=0, help='GLU hidden width; 0: 4 * dim')
+    p.add_argument('--ffn_dim', type=nonneg_int, default=0, help='SwiGLU feed-forward hidden width; 0: 4 * dim')
     p.add_argument('--lr', type=positive_float, default=1e-3, help='base learning rate (AdamW)')
     p.add_argument('--weight_decay', type=nonneg_float, default=0.0)
     p.add_argument('--max_epochs', type=positive_int, default=epochs,
