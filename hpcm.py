@@ -1010,7 +1010,9 @@ def rans_encode(values, table, tables, lanes, seed=0):
             rows.append(xs[spill].astype(np.uint32))  # the low 32 bits
             xs[spill] >>= np.uint64(32)
         quotient, remainder = np.divmod(xs, f)
-        x[:len(f)] = (quotient << np.uint64(PRECISION)) + remainder + cum[row]
+        np.left_shift(quotient, np.uint64(PRECISION), out=xs)  # x = (x // f) << PRECISION + x % f + cum, in place
+        xs += remainder
+        xs += cum[row]
     words = np.concatenate(rows[::-1]) if rows else np.zeros(0, np.uint32)
     return x, words, encode_varints(values[escaped])
 
@@ -1025,24 +1027,26 @@ def rans_decode(dec, table, tables):
     A call may start and end in the middle of a row: lanes are independent, and words are read in lane order."""
     lanes, n = len(dec['x']), len(table)
     flat = np.empty(n, np.int64)
-    key = table.astype(np.int64) << PRECISION
+    key = table.astype(np.uint64) << np.uint64(PRECISION)
     base = tables['base'][table]
     mask = np.uint64((1 << PRECISION) - 1)
     i = 0
     while i < n:
         lane = dec['count'] % lanes
         k = min(lanes - lane, n - i)
-        xs = dec['x'][lane:lane + k]
+        xs = dec['x'][lane:lane + k]  # updated in place: x = freq * (x >> PRECISION) + slot - cum
         slot = xs & mask
-        idx = base[i:i + k] + tables['symbol'][key[i:i + k] + slot.astype(np.int64)]
-        xs = tables['freq'][idx] * (xs >> np.uint64(PRECISION)) + slot - tables['cum'][idx]
+        idx = base[i:i + k] + tables['symbol'][key[i:i + k] | slot]
+        xs >>= np.uint64(PRECISION)
+        xs *= tables['freq'][idx]
+        xs += slot
+        xs -= tables['cum'][idx]
         low = np.flatnonzero(xs < RANS_LOW)
         if len(low):
             if dec['pos'] + len(low) > len(dec['words']):
                 raise ValueError("bitstream: ran out of coded words (truncated or corrupt stream)")
             xs[low] = (xs[low] << np.uint64(32)) | dec['words'][dec['pos']:dec['pos'] + len(low)]
             dec['pos'] += len(low)
-        dec['x'][lane:lane + k] = xs
         dec['count'] += k
         flat[i:i + k] = idx
         i += k
