@@ -197,7 +197,7 @@ def run_lash_generate(args):
 
 
 def add_lash_generate_args(p):
-    add_lash_ckpt_args(p, '0.9', 5)
+    add_lash_ckpt_args(p, '0.9,0.8', 5)
     p.add_argument('--prompts', type=int, default=8, help='how many prompts, from the validation split')
     p.add_argument('--prompt_len', type=int, default=32, help='bytes per prompt')
     p.add_argument('--new_tokens', type=int, default=96, help='prompt + new tokens stay within the trained 128')
