@@ -418,20 +418,19 @@ def init_omni_shift(gen, dim):
             'conv5': init_conv2d(gen, dim, dim, 5, groups=dim, bias=False)}
 
 
+def omni_shift(p, x):
+    """x (B, dim, H, W) -> the same shape: alpha-weighted identity + depthwise 1x1, 3x3 and 5x5 convolutions."""
+    a = p['alpha']
+    return a[0] * x + a[1] * conv2d(p['conv1'], x) + a[2] * conv2d(p['conv3'], x) + a[3] * conv2d(p['conv5'], x)
+
+
 def fuse_omni_shift(p):
-    """The four branches as one depthwise 5x5 (for inference): {'weight': (dim, 1, 5, 5)}."""
+    """Optimisation of omni_shift for inference: its four linear branches summed into one depthwise 5x5,
+    {'weight': (dim, 1, 5, 5)}; conv2d(fuse_omni_shift(p), x) == omni_shift(p, x)."""
     a = p['alpha']
     w1, w3, w5 = p['conv1']['weight'], p['conv3']['weight'], p['conv5']['weight']
     identity = F.pad(torch.ones_like(w1), (2, 2, 2, 2))
     return {'weight': a[0] * identity + a[1] * F.pad(w1, (2, 2, 2, 2)) + a[2] * F.pad(w3, (1, 1, 1, 1)) + a[3] * w5}
-
-
-def omni_shift(p, x):
-    """x (B, dim, H, W); accepts the training parameters or fuse_omni_shift's."""
-    if 'weight' in p:
-        return conv2d(p, x)
-    a = p['alpha']
-    return a[0] * x + a[1] * conv2d(p['conv1'], x) + a[2] * conv2d(p['conv3'], x) + a[3] * conv2d(p['conv5'], x)
 
 
 def _check_channels(x, dim, who):
