@@ -127,11 +127,16 @@ def create_deep_supervision_config(num_layers):
     return TrainingConfig(layer_weights={l: 1.0 / num_layers for l in range(1, num_layers + 1)})
 
 
+def _check_config(config, cfg):
+    if config.num_layers != cfg.num_layers:
+        raise ValueError(f"TrainingConfig names {config.num_layers} layers, the model has {cfg.num_layers}")
+
+
 @dataclass
 class ASHEMConfig:
     """Patience as in the seed (3 for the new layers, which need longer). The seed trained phase 2 at 0.1x the
     phase-1 learning rate for as long as early stopping allowed; within a few hundred steps the new, zero-started
-    layers learn far faster at 1x (measured in the README), so 1.0 is the default here."""
+    layers learn far faster at 1x (measured: NOTES.md), so 1.0 is the default here."""
     phase1_layers: int = 2
     hard_example_ratio: float = 0.5
     phase2_layers: int = 4
@@ -458,11 +463,6 @@ def generate(params, prompt, cfg, config, max_new_tokens, temperature=0.0, gen=N
 
 # ----------------------------------------------------------------------------------------------------------------
 # loss, optimizer, evaluation, early stopping
-
-
-def _check_config(config, cfg):
-    if config.num_layers != cfg.num_layers:
-        raise ValueError(f"TrainingConfig names {config.num_layers} layers, the model has {cfg.num_layers}")
 
 
 def compute_loss(params, batch, config, cfg, fast_path=True):
