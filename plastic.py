@@ -125,14 +125,15 @@ def init_attention(gen, d, heads):
     Linear with zero bias."""
     out = init_linear(gen, d, d)
     out['bias'] = torch.zeros(d)
-    return {'in_w': uniform(gen, (3 * d, d), math.sqrt(6 / (d + 3 * d))), 'in_b': torch.zeros(3 * d), 'out': out}
+    in_proj = {'weight': uniform(gen, (3 * d, d), math.sqrt(6 / (d + 3 * d))), 'bias': torch.zeros(3 * d)}
+    return {'in_proj': in_proj, 'out': out}
 
 
 def attention_keys_values(p, kv, heads):
     """kv (B, S, d) -> keys, values (B, heads, S, d / heads). The CTM's features are fixed over its ticks, so it
     projects them once per input rather than once per tick (the original re-projects them every tick)."""
     d = kv.shape[-1]
-    keys, values = F.linear(kv, p['in_w'][d:], p['in_b'][d:]).chunk(2, dim=-1)
+    keys, values = F.linear(kv, p['in_proj']['weight'][d:], p['in_proj']['bias'][d:]).chunk(2, dim=-1)
     split = lambda t: rearrange(t, 'b s (h e) -> b h s e', h=heads)
     return split(keys), split(values)
 
@@ -141,7 +142,7 @@ def attention(p, q, keys_values, heads, rate=0.0, train=False, need_weights=Fals
     """Multi-head attention of a query (B, Lq, d) over attention_keys_values' (keys, values) -> (B, Lq, d); with
     need_weights also each head's attention weights (B, heads, Lq, S), before dropout as nn.MultiheadAttention's."""
     d = q.shape[-1]
-    query = rearrange(F.linear(q, p['in_w'][:d], p['in_b'][:d]), 'b l (h e) -> b h l e', h=heads)
+    query = rearrange(F.linear(q, p['in_proj']['weight'][:d], p['in_proj']['bias'][:d]), 'b l (h e) -> b h l e', h=heads)
     if need_weights:  # the weights spelled out: scaled_dot_product_attention does not return them
         keys, values = keys_values
         weights = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1]), dim=-1)
@@ -154,7 +155,8 @@ def attention(p, q, keys_values, heads, rate=0.0, train=False, need_weights=Fals
 
 def init_super_linear(gen, in_dims, out_dims, n, do_norm=False):
     """N private linears (one per neuron), as the original SuperLinear: w1 (in, out, N) uniform in
-    ±1/sqrt(in + out), b1 zeros, a learned output temperature T starting at 1."""
+    ±1/sqrt(in + out), b1 zeros, a learned output temperature T starting at 1. The keys keep the original's
+    names (w1, b1, T), not 'weight'/'bias': w1 is (in, out, N), not a Linear's (out, in)."""
     p = {'w1': uniform(gen, (in_dims, out_dims, n), 1 / math.sqrt(in_dims + out_dims)),
          'b1': torch.zeros(1, n, out_dims), 'T': torch.ones(1)}
     if do_norm:

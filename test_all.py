@@ -300,9 +300,9 @@ def test_ctm_attention_matches_torch_multihead_attention():
     p = plastic.init_attention(gen, 16, 4)
     mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(p['in_w'])
+        mha.in_proj_weight.copy_(p['in_proj']['weight'])
         mha.in_proj_bias.copy_(torch.randn(48, generator=gen))
-        p['in_b'] = mha.in_proj_bias.detach().clone()
+        p['in_proj']['bias'] = mha.in_proj_bias.detach().clone()
         mha.out_proj.weight.copy_(p['out']['weight']), mha.out_proj.bias.copy_(p['out']['bias'])
     q, kv = torch.randn(3, 1, 16, generator=gen), torch.randn(3, 7, 16, generator=gen)
     keys_values = plastic.attention_keys_values(p, kv, 4)
@@ -386,7 +386,7 @@ def test_ctm_trace_equals_the_untracked_forward_and_recomputes_by_hand(hyper):
     mha = torch.nn.MultiheadAttention(cfg.d_input, cfg.heads, batch_first=True)
     att = params['attention']
     with torch.no_grad():
-        mha.in_proj_weight.copy_(att['in_w']), mha.in_proj_bias.copy_(att['in_b'])
+        mha.in_proj_weight.copy_(att['in_proj']['weight']), mha.in_proj_bias.copy_(att['in_proj']['bias'])
         mha.out_proj.weight.copy_(att['out']['weight']), mha.out_proj.bias.copy_(att['out']['bias'])
         kv, _ = plastic.ctm_features(params, buffers, x, cfg)
         for t in range(T):
