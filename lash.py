@@ -370,27 +370,24 @@ def routed_flops(cfg, exit_mask, exit_layer):
 # generation: one token at a time with a key/value cache
 
 
-def block_cached(p, h, cache, pos, rope, cfg, rows=None, states=None, stored=None):
+def block_cached(p, h, cache, pos, rope, cfg, rows=None, pending=None):
     """A block for S new tokens h (B, S, D) at positions pos..pos + S - 1 with a key/value cache {'k', 'v'}
     (B, H, T_max, Dh): they store their keys and values there and attend to every stored one. rope: (cos, sin)
     tables of all positions. With rows (R,), only those batch rows are updated (the others keep their state).
 
-    Early exit defers the deeper layers' keys and values of exited tokens: states (B, T_max, D) holds this layer's
-    input state of every position (an exited token's is its exit state, copied upward), and the keys and values of
-    positions stored..pos + S - 1 are computed from there in one projection when the layer next runs."""
+    Early exit defers the deeper layers' keys and values of exited tokens: pending (B, P, D) holds this layer's
+    input state of the P positions just before pos that exited below it (their exit states, copied upward); their
+    keys and values are computed here, in the same projection as the new tokens'."""
     S = h.shape[1]
     H, end = cfg.num_heads, pos + S
     heads = lambda name, y: rearrange(linear(p['attn'][name], y), 'b s (h d) -> b h s d', h=H)
-    if states is None:
-        x_kv = x = rms_norm(p['attn_norm'], h, cfg.norm_eps)
-        stored = pos
-    else:
-        states[:, pos:end] = h
-        x_kv = rms_norm(p['attn_norm'], states[:, stored:end], cfg.norm_eps)
-        x = x_kv[:, -S:]
+    h_kv = h if pending is None else torch.cat([pending, h], 1)
+    start = end - h_kv.shape[1]
+    x_kv = rms_norm(p['attn_norm'], h_kv, cfg.norm_eps)
+    x = x_kv if pending is None else x_kv[:, -S:]
     cos, sin = rope
-    cache['k'][:, :, stored:end] = apply_rope(heads('wk', x_kv), cos[stored:end], sin[stored:end])
-    cache['v'][:, :, stored:end] = heads('wv', x_kv)
+    cache['k'][:, :, start:end] = apply_rope(heads('wk', x_kv), cos[start:end], sin[start:end])
+    cache['v'][:, :, start:end] = heads('wv', x_kv)
     keys, values, h_q, x_q = cache['k'][:, :, :end], cache['v'][:, :, :end], h, x
     if rows is not None:
         keys, values, h_q, x_q = keys[rows], values[rows], h[rows], x[rows]
@@ -428,7 +425,7 @@ def generate(params, prompt, cfg, config, max_new_tokens, temperature=0.0, gen=N
     exit_layer = config.exit_layer if config.routing_threshold is not None else L
     rope = rope_tables(torch.arange(T_max, device=h.device), Dh, cfg.rope_base)
     caches = [{'k': h.new_zeros(B, H, T_max, Dh), 'v': h.new_zeros(B, H, T_max, Dh)} for _ in range(L)]
-    states = h.new_zeros(L - exit_layer, B, T_max, cfg.dim)  # input state of every position to each deeper layer
+    exited = h.new_zeros(B, T_max, cfg.dim)  # exit states, the deeper layers' input for positions they skipped
     h = h[:, :-1]
     for layer, cache in zip(params['layers'], caches) if T0 > 1 else ():
         h = block_cached(layer, h, cache, 0, rope, cfg)
@@ -442,13 +439,14 @@ def generate(params, prompt, cfg, config, max_new_tokens, temperature=0.0, gen=N
         exit_mask = torch.zeros(B, dtype=torch.bool, device=h.device)
         if exit_layer < L:
             exit_mask = confidence(logits) >= config.routing_threshold
-            go_on = [b for b, exited in enumerate(exit_mask.tolist()) if not exited]  # one host sync per step
+            go_on = [b for b, exited_now in enumerate(exit_mask.tolist()) if not exited_now]  # one host sync
             if not go_on:
-                states[:, :, t] = h[:, 0]  # copied upward; keys and values when a deeper layer next runs
+                exited[:, t] = h[:, 0]  # copied upward; keys and values when the deeper layers next run
             else:
                 rows = None if len(go_on) == B else torch.tensor(go_on, device=h.device)
-                for layer, cache, state in zip(params['layers'][exit_layer:], caches[exit_layer:], states):
-                    h = block_cached(layer, h, cache, t, rope, cfg, rows, state, stored)
+                pending = exited[:, stored:t] if stored < t else None
+                for layer, cache in zip(params['layers'][exit_layer:], caches[exit_layer:]):
+                    h = block_cached(layer, h, cache, t, rope, cfg, rows, pending)
                 stored = t + 1
                 deep_logits = output_head(params, h[:, 0] if rows is None else h[rows, 0], cfg)
                 logits = deep_logits if rows is None else logits.index_copy(0, rows, deep_logits)
