@@ -810,8 +810,8 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
 # fast path: the fused tick (an optimisation of ctm_think: ctm_think_fast, selected by `train.py ctm --tick fused`
 # or `--tick compiled`, tested equal to ctm_think)
 #
-# Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (~300 a tick at the
-# seeds' size). ctm_think_fast does the same arithmetic in fewer, wider ops:
+# Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (~480 a tick at the
+# seeds' size on an H200, 92.7 ms a step at batch 64). ctm_think_fast does the same arithmetic in fewer, wider ops:
 # - one synchronisation accumulator for both pair sets: the out sum after tick t and the action sum read by tick
 #   t+1 add the same activated state, so their pairs are concatenated and updated together by one gather, one
 #   product and one addcmul, a recurrence over fixed tensors (no None on the first tick); beta = 1 + r + ... +
@@ -820,9 +820,14 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
 #   them), and the per-tick outputs are stacked once at the end;
 # - the trace is kept neuron-major (D, B, M), the layout of the NLMs' batched matmul, with w/T and b/T folded once
 #   per forward: one baddbmm per SuperLinear instead of the einsum's permuted copies, the bias add and the division;
+# - every tick reads its own view of the tensors shared by all ticks (views_per_tick): autograd otherwise adds each
+#   parameter's gradient into a running sum tick by tick, ~85 small additions a tick at the seeds' size;
+# - q_proj, the query in-projection and the 1/sqrt(head dim) scale are one Linear, folded once per forward, and the
+#   attention of the one query is spelled out (two batched matmuls and a softmax): the fused attention kernels work
+#   in blocks of 64 queries, and with one query their backward was a quarter of the captured step (H200);
 # - compile_backend='inductor' runs each tick as one torch.compile'd function, which fuses the remaining elementwise
 #   work (the U-Net's layer norms with their SiLUs and skip adds, the GLUs, the synchronisation update). Its first
-#   call compiles (about a minute), so a CUDA graph is captured after it: train.py's warm-up steps do that.
+#   call compiles (about 20 s on an H200), so a CUDA graph is captured after it: train.py's warm-up steps do that.
 
 
 def nlm_weights_folded(p):
@@ -845,16 +850,44 @@ def nlm_fused(p, folded, trace, activated_state, cfg, train=False):
     return h[..., 0].t()
 
 
-def ctm_tick_fused(params, keys_values, hypernets, folded, pairs, r, inv_sqrt_beta, carry, cfg, train=False):
+def attention_query_folded(params, heads):
+    """q_proj, attention's query in-projection and the scale 1/sqrt(d / heads) as one Linear."""
+    d = params['q_proj']['weight'].shape[0]
+    w_q, b_q = params['attention']['in_proj']['weight'][:d], params['attention']['in_proj']['bias'][:d]
+    scale = (d // heads) ** -0.5
+    return {'weight': w_q @ params['q_proj']['weight'] * scale,
+            'bias': torch.addmv(b_q, w_q, params['q_proj']['bias']) * scale}
+
+
+def views_per_tick(tree, T):
+    """A tree of tensors -> T trees, tick t's leaves the t-th of T views of each leaf (expand, then unbind): autograd
+    then gathers a leaf's T gradients with one stack and one sum instead of T - 1 additions, one a tick."""
+    if isinstance(tree, dict):
+        trees = {k: views_per_tick(v, T) for k, v in tree.items()}
+        return [{k: v[t] for k, v in trees.items()} for t in range(T)]
+    if isinstance(tree, (list, tuple)):
+        items = [views_per_tick(v, T) for v in tree]
+        return [type(tree)(v[t] for v in items) for t in range(T)]
+    if isinstance(tree, torch.Tensor) and tree.requires_grad:
+        return tree.expand(T, *tree.shape).unbind(0)
+    return [tree] * T
+
+
+def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
     """One tick of ctm_think_fast: carry = (trace (D, B, M), activated_state (B, D), alpha, sync) -> the next one.
-    alpha and sync hold both pair sets [action | out]; inv_sqrt_beta is this tick's row."""
+    shared = this tick's views of (synapses, nlm, attention out Linear, folded query Linear, (keys, values),
+    stacked hypernetworks, folded NLM weights, r); alpha and sync hold both pair sets [action | out];
+    inv_sqrt_beta is this tick's row."""
+    synapses, nlm_p, attn_out_p, query_p, (keys, values), hypernets, folded, r = shared
     trace, activated_state, alpha, sync = carry
-    q = linear(params['q_proj'], sync[:, :params['q_proj']['weight'].shape[1]])[:, None]  # the action part
-    attn_out = attention(params['attention'], q, keys_values, cfg.heads, cfg.dropout, train)[:, 0]
+    query = rearrange(linear(query_p, sync[:, :query_p['weight'].shape[1]]), 'b (h e) -> b h 1 e', h=cfg.heads)
+    weights = torch.softmax(query @ keys.transpose(-1, -2), dim=-1)  # (B, heads, 1, S); the query carries the scale
+    attn = dropout(weights, cfg.dropout, train) @ values
+    attn_out = linear(attn_out_p, rearrange(attn, 'b h 1 e -> b (h e)'))
     pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)
-    state = synapse_unet_stacked(params['synapses'], hypernets, pre_synapse_input, cfg.dropout, train)  # (B, D)
+    state = synapse_unet_stacked(synapses, hypernets, pre_synapse_input, cfg.dropout, train)  # (B, D)
     trace = torch.cat([trace[..., 1:], state.t()[..., None]], dim=-1)
-    activated_state = nlm_fused(params['nlm'], folded, trace, activated_state, cfg, train).contiguous()  # (B, D)
+    activated_state = nlm_fused(nlm_p, folded, trace, activated_state, cfg, train).contiguous()  # (B, D)
     alpha = torch.addcmul(activated_state[:, pairs[0]] * activated_state[:, pairs[1]], r, alpha)  # r·alpha + z_i z_j
     return trace, activated_state, alpha, alpha * inv_sqrt_beta
 
@@ -875,15 +908,18 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
     alpha = activated_state[:, pairs[0]] * activated_state[:, pairs[1]]  # both sums start from the start state
     carry = (params['start_trace'][:, None].expand(-1, B, -1).contiguous(), activated_state, alpha,
              alpha * inv_sqrt_beta[0])  # sync after one update (= alpha); a tensor of its own, as on every tick
-    keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
     nlms = [params['nlm'][k] for k in ('l1', 'l2') if k in params['nlm']]
     folded = None if any('hyper' in q for q in nlms) else [nlm_weights_folded(q) for q in nlms]
+    # everything a tick reads that does not change over the ticks, made once per forward, one view per tick
+    keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
+    shared = views_per_tick((params['synapses'], params['nlm'], params['attention']['out'],
+                             attention_query_folded(params, cfg.heads), keys_values,
+                             stack_hypernets(params['synapses']), folded, r), T)
     tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
                                                                         dynamic=False)
-    hypernets = stack_hypernets(params['synapses'])  # once per forward, like the keys
     syncs_out = []
-    for t in range(1, T + 1):
-        carry = tick(params, keys_values, hypernets, folded, pairs, r, inv_sqrt_beta[t], carry, cfg, train)
+    for t, row in enumerate(inv_sqrt_beta[1:].unbind(0)):
+        carry = tick(shared[t], pairs, row, carry, cfg, train)
         syncs_out.append(carry[3][:, n_action:])
     sync_out = torch.stack(syncs_out)  # (T, B, synch size out)
     predictions = linear(params['output_projector'], sync_out)  # (T, B, out_dims)

@@ -2764,6 +2764,38 @@ def test_speed_fused_train_step_equals_the_paper_step(monkeypatch):
         assert all(torch.allclose(paper[k], fused[k], rtol=1e-9, atol=1e-11) for k in paper)
 
 
+@given(T=st.integers(1, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=5)
+def test_speed_views_per_tick_read_the_leaves_and_sum_their_gradients(T, seed):
+    """Tick t's tree holds views equal to the leaves (tensors without grad and non-tensors as they are), and the
+    leaves' gradients are the sums over ticks, as when every tick reads the leaf itself."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, 3, generator=gen, requires_grad=True), torch.randn(4, generator=gen, requires_grad=True)
+    fixed = torch.arange(3)
+    trees = plastic.views_per_tick({'a': a, 'rest': [(b, fixed), None, 'x']}, T)
+    assert len(trees) == T
+    weights = torch.randn(T, 2, 3, generator=gen), torch.randn(T, 4, generator=gen)
+    for t, tree in enumerate(trees):
+        assert torch.equal(tree['a'], a) and torch.equal(tree['rest'][0][0], b)
+        assert tree['rest'][0][1] is fixed and tree['rest'][1:] == [None, 'x']
+        ((tree['a'] * weights[0][t]).sum() + (tree['rest'][0][0] * weights[1][t]).sum()).backward(retain_graph=True)
+    torch.testing.assert_close(a.grad, weights[0].sum(0))
+    torch.testing.assert_close(b.grad, weights[1].sum(0))
+
+
+def test_speed_folded_query_is_q_proj_then_the_scaled_in_projection():
+    cfg = small_ctm_config()
+    params, _ = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
+    params['attention']['in_proj']['bias'] = torch.randn(3 * cfg.d_input)
+    sync = torch.randn(5, params['q_proj']['weight'].shape[1])
+    d = cfg.d_input
+    q = sync @ params['q_proj']['weight'].T + params['q_proj']['bias']
+    expected = (q @ params['attention']['in_proj']['weight'][:d].T + params['attention']['in_proj']['bias'][:d]) \
+        / math.sqrt(d / cfg.heads)
+    folded = plastic.attention_query_folded(params, cfg.heads)
+    torch.testing.assert_close(sync @ folded['weight'].T + folded['bias'], expected)
+
+
 def test_speed_compiled_tick_equals_the_paper_ticks():
     """The fused tick through torch.compile (backend aot_eager on a CPU: the traced graph, not inductor's code) gives
     ctm_think's outputs and gradients, one graph for all ticks (a recompiled tick would mean a guard on the tick)."""
