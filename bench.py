@@ -213,8 +213,8 @@ def add_wkv_args(p):
                    help="comma list of BxCxT: the codec's context cells (y of a 256² crop is 16x16 = 256 tokens)")
     p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC for the long rows')
     p.add_argument('--lengths', default='256,4096,16384', help='comma list of T for the long rows')
-    p.add_argument('--paths', default='auto,naive,cuda,scan,dense',
-                   help='comma list of auto (bi_wkv\'s choice), naive, cuda (chunked), scan, dense')
+    p.add_argument('--paths', default='auto,naive,split,cuda,scan,dense',
+                   help='comma list of auto (bi_wkv\'s choice), naive, split, cuda (chunked), scan, dense')
     p.add_argument('--repeats', type=int, default=20, help='timed fwd+bwd calls per case and kernel path '
                    '(scan and dense: 1)')
     p.add_argument('--dense_max_T', type=int, default=256, help='dense is O(T²) in memory')
@@ -277,16 +277,16 @@ def time_wkv_paths(torch, fns, inputs, gy, repeats):
 
 def run_wkv(args):
     """One row per (shape, path): the codec's short rows ('codec') first, then the long ones ('long'). The kernel
-    paths (auto, naive, cuda) are timed paired with `repeats` calls each, scan and dense with one call. GB/s and %
-    of the copy bandwidth measured in the same run count only the minimal 8·B·T·C·4 bytes of fwd+bwd (k, v in and
-    y out forward; k, v, gy in and gk, gv out backward) over gpu_ms."""
+    paths (auto, naive, split, cuda) are timed paired with `repeats` calls each, scan and dense with one call. GB/s
+    and % of the copy bandwidth measured in the same run count only the minimal 8·B·T·C·4 bytes of fwd+bwd (k, v in
+    and y out forward; k, v, gy in and gk, gv out backward) over gpu_ms."""
     import torch
 
     import hpcm
     if not torch.cuda.is_available():
         raise SystemExit('bench wkv needs a CUDA device')
-    paths = {'auto': hpcm.bi_wkv, 'naive': hpcm.bi_wkv_naive, 'cuda': hpcm.bi_wkv_cuda, 'scan': hpcm.bi_wkv_scan,
-             'dense': hpcm.bi_wkv_dense}
+    paths = {'auto': hpcm.bi_wkv, 'naive': hpcm.bi_wkv_naive, 'split': hpcm.bi_wkv_split, 'cuda': hpcm.bi_wkv_cuda,
+             'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense}
     chosen = args.paths.split(',')
     unknown = set(chosen) - set(paths)
     if unknown:
@@ -310,7 +310,7 @@ def run_wkv(args):
         k = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
         v = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
         gy = torch.randn(B, T, C, device='cuda', generator=gen)
-        kernels = {n: paths[n] for n in chosen if n in ('auto', 'naive', 'cuda')}
+        kernels = {n: paths[n] for n in chosen if n in ('auto', 'naive', 'split', 'cuda')}
         others = {n: paths[n] for n in chosen if (n == 'scan' and B * T * C <= args.scan_max_elems)
                   or (n == 'dense' and T <= args.dense_max_T)}
         times = time_wkv_paths(torch, kernels, [w, u, k, v], gy, args.repeats) if kernels else {}
@@ -326,7 +326,8 @@ def run_wkv(args):
     return rows
 
 
-BENCHMARKS['wkv'] = (add_wkv_args, run_wkv, 'Bi-WKV4 fwd+bwd: naive and chunked CUDA kernels vs torch scan vs dense')
+BENCHMARKS['wkv'] = (add_wkv_args, run_wkv,
+                     'Bi-WKV4 fwd+bwd: naive, split-row and chunked CUDA kernels vs torch scan vs dense')
 
 
 # ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),

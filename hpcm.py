@@ -119,7 +119,7 @@ def layer_norm_channels(p, x, eps=1e-5):
 
 
 # ================================================================================================================
-# Bi-WKV4: dense reference, torch scan, CUDA kernels (naive, chunked) via cupy
+# Bi-WKV4: dense reference, torch scan, CUDA kernels (naive, split rows, chunked) via cupy
 #
 # Pinned against OpenGVLab/Vision-RWKV (classification/mmcls_custom/models/backbones/vrwkv.py, the call
 # `RUN_CUDA(B, T, C, self.spatial_decay / T, self.spatial_first / T, k, v)`, and cuda/wkv_cuda.cu) and
@@ -130,7 +130,7 @@ def layer_norm_channels(p, x, eps=1e-5):
 #           / (Σ_{i≠t} e^{-(|t-i|-1)·w/T + k_i} + e^{u/T + k_t})
 # Neighbours (|t-i| = 1) are not decayed; w < 0 (RwkvCompress inits w ~ N(0, 1)) makes far tokens weigh more.
 # Vision-RWKV's kernel also adds 1e-6 to the denominator; we leave it out (the denominator is >= e^{u/T + k_t} > 0).
-# All four paths take the raw w, u (C,) and k, v (B, T, C) and return y (B, T, C) in k's dtype.
+# All five paths take the raw w, u (C,) and k, v (B, T, C) and return y (B, T, C) in k's dtype.
 
 def _check_wkv(w, u, k, v):
     if k.dim() != 3 or v.shape != k.shape:
@@ -235,19 +235,21 @@ def bi_wkv_scan(w, u, k, v):
 
 # The CUDA kernels (wkv_kernel.cu, compiled by cupy on first use). They take the raw w, u and divide by T themselves,
 # and launch on torch's current stream without synchronising. The naive kernels (one thread per (b, c) walks the
-# row) take one launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again
-# from their incoming states), or one where the row is a single chunk.
+# row) and the split-row ones (the row cut into _WKV_NS pieces, one thread a piece, one block a row tile) take one
+# launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again from their
+# incoming states), or one where the row is a single chunk.
 _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
 _WKV_STREAMS = {}  # torch stream handle -> cupy's view of that stream
 # tokens per thread per pass (the backward holds seven values a token where the forward holds five: with 8 tokens its
-# apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block, channels per block
+# apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block (the split kernels' pieces a row),
+# channels per block
 _WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
 _WKV_NAIVE_THREADS = 32  # threads per block of the naive kernels: one warp, so short rows spread over many SMs
 
 
 def _wkv_kernels(dtype, device_index, pass_):
-    """pass_ 'fwd' or 'bwd': its naive kernel ('naive') and its chunk summaries ('sum'), carry pass ('carry') and
-    apply ('apply') kernels, compiled with that pass's tokens per thread."""
+    """pass_ 'fwd' or 'bwd': its naive kernel ('naive'), split-row kernel ('split') and its chunk summaries ('sum'),
+    carry pass ('carry') and apply ('apply') kernels, compiled with that pass's tokens per thread."""
     import cupy
     name = {torch.float32: 'float', torch.float64: 'double'}[dtype]
     key = (name, device_index, pass_, _WKV_LT[pass_], _WKV_NS)
@@ -255,8 +257,9 @@ def _wkv_kernels(dtype, device_index, pass_):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wkv_kernel.cu')) as f:
             source = f.read()
         chunk = {'fwd': 'wkv_forward', 'bwd': 'wkv_backward'}[pass_]
-        kernels = {'naive': f'{chunk}_naive<{name}>', 'sum': f'{chunk}<{name}, false>',
-                   'apply': f'{chunk}<{name}, true>', 'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
+        kernels = {'naive': f'{chunk}_naive<{name}>', 'split': f'{chunk}_split<{name}>',
+                   'sum': f'{chunk}<{name}, false>', 'apply': f'{chunk}<{name}, true>',
+                   'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
         options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=source, options=options, name_expressions=list(kernels.values()))
@@ -294,15 +297,18 @@ def _wkv_grid(B, T, C, pass_):
     return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
 
 
-def _wkv_pass(pass_, naive, k, w, states, args):
-    """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. naive: one launch, a thread per (b, c). Else the chunked
-    kernels: their chunks' summaries, the carry pass over them, then the chunks again from their incoming states
-    (states None: the row is one chunk, whose incoming states are empty, and only that last launch runs).
-    args: the kernels' raw arguments."""
+def _wkv_pass(pass_, kind, k, w, states, args):
+    """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. kind 'naive': one launch, a thread per (b, c); 'split': one
+    launch, a block of (channels, pieces) per row tile; 'chunked': their chunks' summaries, the carry pass over them,
+    then the chunks again from their incoming states (states None: the row is one chunk, whose incoming states are
+    empty, and only that last launch runs). args: the kernels' raw arguments."""
     B, T, C = k.shape
     kern = _wkv_kernels(k.dtype, k.device.index, pass_)
-    if naive:
+    if kind == 'naive':
         _launch(k.device, (kern['naive'], (-(-B * C // _WKV_NAIVE_THREADS),), (_WKV_NAIVE_THREADS,), args))
+        return
+    if kind == 'split':
+        _launch(k.device, (kern['split'], (-(-C // _WKV_CW) * B,), (_WKV_CW, _WKV_NS), args))
         return
     _, grid, threads, carry_grid = _wkv_grid(B, T, C, pass_)
     apply = (kern['apply'], grid, threads, args)
@@ -314,20 +320,22 @@ def _wkv_pass(pass_, naive, k, w, states, args):
 
 
 class _BiWKVCuda(torch.autograd.Function):
-    """wkv_kernel.cu, naive or chunked. The forward also writes log Z (one more (B, T, C) tensor kept for backward;
-    the naive forward always writes it), so the backward is one Bi-WKV walk of the gradients and never recomputes
-    the forward. Both backward kernels write partial sums of gw, gu, over b (and chunks) for the caller to add."""
+    """wkv_kernel.cu, kind 'naive', 'split' or 'chunked'. The forward also writes log Z (one more (B, T, C) tensor
+    kept for backward; only the chunked forward leaves it out when no gradient is wanted), so the backward is one
+    Bi-WKV walk of the gradients and never recomputes the forward. The backward kernels write partial sums of gw, gu,
+    over b (and chunks) for the caller to add."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v, naive):
+    def forward(ctx, w, u, k, v, kind):
         B, T, C = k.shape
+        chunked = kind == 'chunked'
         y = torch.empty_like(k)
-        log_z = torch.empty_like(k) if naive or any(ctx.needs_input_grad) else None  # (codec inference: no log Z)
-        nchunk = _wkv_grid(B, T, C, 'fwd')[0]
-        states = None if naive or nchunk == 1 else k.new_empty(B, nchunk, 2, 4, C)  # per chunk, direction: r, n, a, b
-        _wkv_pass('fwd', naive, k, w, states,
-                  _raw(B, T, C, w, u, k, v, y, log_z) if naive else _raw(B, T, C, w, u, k, v, states, y, log_z))
-        ctx.naive = naive
+        log_z = torch.empty_like(k) if not chunked or any(ctx.needs_input_grad) else None  # (codec inference)
+        nchunk = _wkv_grid(B, T, C, 'fwd')[0] if chunked else 1
+        states = k.new_empty(B, nchunk, 2, 4, C) if nchunk > 1 else None  # per chunk, direction: r, n, a, b
+        head = (B, T, C, w, u, k, v) + ((states,) if chunked else ())
+        _wkv_pass('fwd', kind, k, w, states, _raw(*head, y, log_z))
+        ctx.kind = kind
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
 
@@ -338,13 +346,13 @@ class _BiWKVCuda(torch.autograd.Function):
         B, T, C = k.shape
         gy = gy.contiguous()
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        nchunk = 1 if ctx.naive else _wkv_grid(B, T, C, 'bwd')[0]
+        chunked = ctx.kind == 'chunked'
+        nchunk = _wkv_grid(B, T, C, 'bwd')[0] if chunked else 1
         gwu = k.new_empty(2, B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
-        states = None if ctx.naive or nchunk == 1 else k.new_empty(B, nchunk, 2, 6, C)  # r, n, a, b, a2, b2
-        head = (B, T, C, w, u, k, v, y, log_z, gy)
-        _wkv_pass('bwd', ctx.naive, k, w, states,
-                  _raw(*head, gk, gv, gwu[0], gwu[1]) if ctx.naive else _raw(*head, states, gk, gv, gwu[0], gwu[1]))
-        gw, gu = gwu.sum(1)
+        states = k.new_empty(B, nchunk, 2, 6, C) if nchunk > 1 else None  # r, n, a, b, a2, b2
+        head = (B, T, C, w, u, k, v, y, log_z, gy) + ((states,) if chunked else ())
+        _wkv_pass('bwd', ctx.kind, k, w, states, _raw(*head, gk, gv, gwu[0], gwu[1]))
+        gw, gu = gwu[:, 0] if B * nchunk == 1 else gwu.sum(1)
         return gw, gu, gk, gv, None
 
 
@@ -357,51 +365,58 @@ def _cupy_available():
     return True
 
 
-def _bi_wkv_kernel(w, u, k, v, naive):
-    who = 'bi_wkv_naive' if naive else 'bi_wkv_cuda'
+def _bi_wkv_kernel(w, u, k, v, kind):
+    who = {'naive': 'bi_wkv_naive', 'split': 'bi_wkv_split', 'chunked': 'bi_wkv_cuda'}[kind]
     _check_wkv(w, u, k, v)
     if not (k.is_cuda and _cupy_available()):
         raise RuntimeError(f'{who} needs CUDA tensors and cupy (k is on {k.device}, cupy '
                            f'{"installed" if _cupy_available() else "not installed"})')
     if k.dtype not in (torch.float32, torch.float64) or v.dtype != k.dtype:
         raise ValueError(f'{who}: k and v must both be float32 or float64, got {k.dtype} and {v.dtype}')
-    if not naive and k.shape[0] > 65535:  # the batch is the chunked kernels' grid.y
+    if kind == 'chunked' and k.shape[0] > 65535:  # the batch is the chunked kernels' grid.y
         raise ValueError(f'{who}: the batch B must be at most 65535, got {k.shape[0]}')
     w, u, k, v = (t.to(k.dtype).contiguous() for t in (w, u, k, v))
-    return _BiWKVCuda.apply(w, u, k, v, naive)
+    return _BiWKVCuda.apply(w, u, k, v, kind)
 
 
 def bi_wkv_naive(w, u, k, v):
     """The naive CUDA kernels: one thread per (b, c) walks its row, one launch a pass (float32 or float64 CUDA
     tensors, cupy installed). A row's terms are added one after another, so with a weak decay the float32 error grows
-    with T (1.6e-6 at T = 4096); bi_wkv takes them for few short rows, where they are the faster kernels."""
-    return _bi_wkv_kernel(w, u, k, v, naive=True)
+    with T (1.6e-6 at T = 4096)."""
+    return _bi_wkv_kernel(w, u, k, v, 'naive')
+
+
+def bi_wkv_split(w, u, k, v):
+    """The naive kernels' walks with each row cut into _WKV_NS pieces, one thread a piece, one launch a pass (float32
+    or float64 CUDA tensors, cupy installed): bi_wkv takes them for short rows, where they are the faster kernels."""
+    return _bi_wkv_kernel(w, u, k, v, 'split')
 
 
 def bi_wkv_cuda(w, u, k, v):
     """The chunked CUDA kernels: B·C·T/8 threads share the rows (float32 or float64 CUDA tensors, cupy installed)."""
-    return _bi_wkv_kernel(w, u, k, v, naive=False)
+    return _bi_wkv_kernel(w, u, k, v, 'chunked')
 
 
-_WKV_PATHS = {'dense': bi_wkv_dense, 'scan': bi_wkv_scan, 'naive': bi_wkv_naive, 'cuda': bi_wkv_cuda}
-# bi_wkv's choice on CUDA: the naive kernels for rows of at most _WKV_NAIVE_MAX_T tokens when there are at most
-# _WKV_NAIVE_MAX_ROWS of them (B·C), the chunked ones otherwise (paired wall times on an H200, bench.py wkv)
-_WKV_NAIVE_MAX_T, _WKV_NAIVE_MAX_ROWS = 256, 8192
+_WKV_PATHS = {'dense': bi_wkv_dense, 'scan': bi_wkv_scan, 'naive': bi_wkv_naive, 'split': bi_wkv_split,
+              'cuda': bi_wkv_cuda}
+# bi_wkv's choice on CUDA: the split-row kernels for rows of at most _WKV_SPLIT_MAX_T tokens and at most
+# _WKV_SPLIT_MAX_ELEMS elements B·T·C in all, the chunked ones otherwise (paired wall times on an H200, bench.py wkv:
+# one launch a pass wins where host work dominates; the chunked kernels do more work per byte for long or many rows)
+_WKV_SPLIT_MAX_T, _WKV_SPLIT_MAX_ELEMS = 1024, 2 ** 23
 
 
 def bi_wkv(w, u, k, v):
     """Bi-WKV4 with raw decay w, bonus u (C,) over k, v (B, T, C) -> y (B, T, C). On float CUDA tensors with cupy
-    installed the naive kernels for few short rows and the chunked ones otherwise, else the torch scan; environment
-    HPCM_WKV=dense|scan|naive|cuda forces a path."""
+    installed the split-row kernels for short rows (few of them) and the chunked ones otherwise, else the torch scan;
+    environment HPCM_WKV=dense|scan|naive|split|cuda forces a path."""
     forced = os.environ.get('HPCM_WKV', '')
     if forced:
         if forced not in _WKV_PATHS:
             raise ValueError(f'HPCM_WKV must be one of {sorted(_WKV_PATHS)}, got {forced!r}')
         return _WKV_PATHS[forced](w, u, k, v)
     if k.is_cuda and k.dtype in (torch.float32, torch.float64) and _cupy_available():
-        B, T, C = k.shape
-        naive = T <= _WKV_NAIVE_MAX_T and B * C <= _WKV_NAIVE_MAX_ROWS
-        return (bi_wkv_naive if naive else bi_wkv_cuda)(w, u, k, v)
+        split = k.shape[1] <= _WKV_SPLIT_MAX_T and k.numel() <= _WKV_SPLIT_MAX_ELEMS
+        return (bi_wkv_split if split else bi_wkv_cuda)(w, u, k, v)
     return bi_wkv_scan(w, u, k, v)
 
 

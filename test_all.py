@@ -1827,7 +1827,7 @@ def test_wkv_paths_and_errors(monkeypatch):
     monkeypatch.setenv('HPCM_WKV', 'fast')
     with pytest.raises(ValueError, match='HPCM_WKV'):
         hpcm.bi_wkv(w, u, k, v)
-    for path in ('naive', 'cuda'):
+    for path in ('naive', 'split', 'cuda'):
         monkeypatch.setenv('HPCM_WKV', path)
         with pytest.raises(RuntimeError, match=f'bi_wkv_{path} needs CUDA tensors and cupy'):
             hpcm.bi_wkv(w, u, k, v)  # CPU tensors
@@ -1840,11 +1840,11 @@ def test_wkv_paths_and_errors(monkeypatch):
         hpcm.bi_wkv(w, u, k[:, :0], v[:, :0])
 
 
-WKV_KERNELS = ('naive', 'cuda')
+WKV_KERNELS = ('naive', 'split', 'cuda')
 
 
 def wkv_kernel_errors(path, inputs, k_scale):
-    """A CUDA kernel (bi_wkv_naive or bi_wkv_cuda) in float32 against the float64 dense formula: the errors of y and
+    """A CUDA kernel (bi_wkv_naive, bi_wkv_split or bi_wkv_cuda) in float32 against the float64 dense formula: the errors of y and
     the four gradients."""
     got = wkv_value_and_grads(getattr(hpcm, f'bi_wkv_{path}'), *inputs)
     assert all(torch.isfinite(g).all() for g in got)
@@ -1864,8 +1864,9 @@ WKV_CASES = [(1, 1, 1, 1.0, 0.0, 1.0), (2, 7, 3, 3.0, 0.0, 30.0), (3, 129, 33, 1
 def test_wkv_kernels_match_dense(path, B, T, C, k_scale, k_offset, w_scale):
     """float32 kernels vs float64 dense: outputs and every gradient, odd sizes, several chunks, T = 128·128, decays
     that take the chunked kernel's exact path (w = 3000), keys with standard deviation 40. The naive kernel adds a
-    row's terms one after another, so with a weak decay its float32 error grows with T; its T = 128·128 cases are in
-    the test below, with decays that keep the sums short."""
+    row's terms one after another (the split one T/16 of them), so with a weak decay their float32 error grows with
+    T (1.3e-5 for split at T = 128·128); their T = 128·128 cases are in the test below, with decays that keep the
+    sums short."""
     inputs = wkv_inputs(0, B, T, C, k_scale, k_offset, w_scale, dtype=torch.float32, device='cuda')
     errors = wkv_kernel_errors(path, inputs, k_scale)
     assert max(errors) < 1e-5, errors
@@ -1880,6 +1881,7 @@ def test_wkv_kernels_match_dense(path, B, T, C, k_scale, k_offset, w_scale):
        seed=st.integers(0, 2**16))
 @example(path='cuda', B=1, C=2, T=16384, w_scale=300.0, k_scale=1.0, seed=0)
 @example(path='naive', B=1, C=2, T=16384, w_scale=300.0, k_scale=1.0, seed=0)
+@example(path='split', B=1, C=2, T=16384, w_scale=300.0, k_scale=1.0, seed=0)
 def test_wkv_kernels_match_dense_for_either_decay_sign(path, B, C, T, w_scale, k_scale, seed):
     """Decays of both signs in one call (w < 0 weighs far tokens more; |w| = 300 is e^300 across the row, far past
     float32's range), at every magnitude the tests' float32 error bound holds for (beyond |w| ~ 1000 with w < 0,
@@ -1900,8 +1902,8 @@ def test_wkv_kernels_match_dense_for_either_decay_sign(path, B, C, T, w_scale, k
 def test_wkv_kernels_exact_where_a_lean_frame_underflows(path):
     """One key 150 above the three before it and the rest 150 below, with a bonus u/T = -150 that cancels the spike:
     y at the spike is set by the tokens before it, which a frame referenced to the spike weighs 2^-216, flushed to 0.
-    The chunked forward must take its exact path there (without that fallback it returns NaN); the naive kernel has
-    no frames."""
+    The chunked forward must take its exact path there (without that fallback it returns NaN); the naive and split
+    kernels have no frames."""
     T, C = 64, 4
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, T, C, generator=g) * 0.5
@@ -1915,11 +1917,11 @@ def test_wkv_kernels_exact_where_a_lean_frame_underflows(path):
 @needs_cupy[0]
 @needs_cupy[1]
 def test_wkv_three_paths_agree_and_gradcheck():
-    """naive kernel, chunked kernel and torch scan on the same float32 inputs; float64 gradcheck of both kernels;
+    """naive, split and chunked kernels and torch scan on the same float32 inputs; float64 gradcheck of every kernel;
     the same y without a gradient (the chunked forward then writes no log Z)."""
     inputs = wkv_inputs(5, 2, 700, 40, 2.0, 10.0, 10.0, dtype=torch.float32, device='cuda', signed=True)
-    got = {p: wkv_value_and_grads(getattr(hpcm, f'bi_wkv_{p}'), *inputs) for p in ('naive', 'cuda', 'scan')}
-    for a, b in (('naive', 'scan'), ('cuda', 'scan'), ('naive', 'cuda')):
+    got = {p: wkv_value_and_grads(getattr(hpcm, f'bi_wkv_{p}'), *inputs) for p in WKV_KERNELS + ('scan',)}
+    for a, b in (('naive', 'scan'), ('split', 'scan'), ('cuda', 'scan'), ('naive', 'split'), ('naive', 'cuda')):
         errors = relative_errors(got[a], got[b], wkv_scales(inputs[-1], 2.0))
         assert max(errors) < 1e-5, (a, b, errors)
     w, u, k, v, _ = wkv_inputs(6, 1, 300, 2, 1.0, 50.0, 5.0, device='cuda', signed=True)  # float64, 3 chunks
@@ -1932,7 +1934,7 @@ def test_wkv_three_paths_agree_and_gradcheck():
 
 @needs_cupy[0]
 @needs_cupy[1]
-def test_wkv_default_path_on_cuda_is_naive_for_few_short_rows_else_chunked(monkeypatch):
+def test_wkv_default_path_on_cuda_is_split_for_short_rows_else_chunked(monkeypatch):
     monkeypatch.delenv('HPCM_WKV', raising=False)
     calls = []
     for p in WKV_KERNELS:
@@ -1940,10 +1942,11 @@ def test_wkv_default_path_on_cuda_is_naive_for_few_short_rows_else_chunked(monke
         counted = lambda *a, p=p, kernel=kernel: calls.append(p) or kernel(*a)
         monkeypatch.setattr(hpcm, f'bi_wkv_{p}', counted)
         monkeypatch.setitem(hpcm._WKV_PATHS, p, counted)
-    rows = hpcm._WKV_NAIVE_MAX_ROWS
-    for B, T, C in ((1, hpcm._WKV_NAIVE_MAX_T, 3), (1, hpcm._WKV_NAIVE_MAX_T + 1, 3), (2, 5, rows // 2 + 1)):
+    most = hpcm._WKV_SPLIT_MAX_ELEMS // hpcm._WKV_SPLIT_MAX_T  # B·C at the longest split rows
+    for B, T, C in ((2, 1, 3), (2, hpcm._WKV_SPLIT_MAX_T, most // 2), (2, hpcm._WKV_SPLIT_MAX_T + 1, 3),
+                    (2, hpcm._WKV_SPLIT_MAX_T, most // 2 + 1)):
         hpcm.bi_wkv(*wkv_inputs(7, B, T, C, 1.0, 0.0, 1.0, dtype=torch.float32, device='cuda')[:4])
-    assert calls == ['naive', 'cuda', 'cuda']
+    assert calls == ['split', 'split', 'cuda', 'cuda']
     monkeypatch.setenv('HPCM_WKV', 'naive')
     hpcm.bi_wkv(*wkv_inputs(7, 1, 5, 3, 1.0, 0.0, 1.0, dtype=torch.float32, device='cuda')[:4])
     assert calls[-1] == 'naive'
@@ -2954,13 +2957,12 @@ def test_speed_bench_wkv_rows():
     """bench.py wkv: the codec rows, then the long rows, a row per (shape, path); dense only up to dense_max_T, the
     scan only up to scan_max_elems; every timing present."""
     import bench
-    args = argparse.Namespace(small='1x8x5', sizes='2x8', lengths='16,300', paths='auto,naive,cuda,scan,dense',
+    paths = ('auto', 'naive', 'split', 'cuda', 'scan', 'dense')
+    args = argparse.Namespace(small='1x8x5', sizes='2x8', lengths='16,300', paths=','.join(paths),
                               repeats=3, dense_max_T=64, scan_max_elems=2 * 300 * 8 - 1)
     rows = bench.run_wkv(args)
     assert [(r['rows'], r['T'], r['path']) for r in rows] == (
-        [('codec', 5, p) for p in ('auto', 'naive', 'cuda', 'scan', 'dense')]
-        + [('long', 16, p) for p in ('auto', 'naive', 'cuda', 'scan', 'dense')]
-        + [('long', 300, p) for p in ('auto', 'naive', 'cuda')])
+        [('codec', 5, p) for p in paths] + [('long', 16, p) for p in paths] + [('long', 300, p) for p in paths[:4]])
     assert all(0 < r['fwd_ms'] < r['wall_ms'] and r['gpu_ms'] > 0 for r in rows)
 
 

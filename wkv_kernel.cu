@@ -1,11 +1,13 @@
 // Bi-WKV4 forward and backward on the GPU, loaded by hpcm.py with cupy.RawModule. Read it in this order:
 //   0. the running-maximum state every kernel here uses (St, merge, push),
 //   1. the naive kernels: one thread per (b, c) walks its row right to left, then left to right, forward and
-//      backward; one launch a pass, which makes them the faster ones for few short rows (hpcm.bi_wkv's choice),
-//   2. the chunked kernels: the same walks cut into chunks of BL tokens, so that B * C * T / 8 threads share a row;
+//      backward; one launch a pass,
+//   2. split rows: the same walks with each row cut into NS pieces, one thread a piece, the pieces joined by a scan
+//      in shared memory; still one launch a pass, the faster kernels for short rows (hpcm.bi_wkv's choice),
+//   3. the chunked kernels: the walks cut into chunks of BL tokens, so that B * C * T / 8 threads share a row;
 //      three launches a pass (summaries, carries, apply), 11x Vision-RWKV's kernel at (64, 640, 4096),
-//   3. the lean frames: an optimisation of kernel 2's per-thread work (one ex2 and two fma per token instead of a
-//      rescaled merge), taken where its checks pass and kernel 2's exact path otherwise.
+//   4. the lean frames: an optimisation of kernel 3's per-thread work (one ex2 and two fma per token instead of a
+//      rescaled merge), taken where its checks pass and kernel 3's exact path otherwise.
 // hpcm.py's bi_wkv_dense is the formula and bi_wkv_scan the same walks in torch; every path is tested against the
 // dense float64 one (test_all.py).
 //
@@ -102,20 +104,22 @@ template <typename F, bool D> __device__ __forceinline__ void push(St<F> &s, F w
 // ================================================================================================================
 // 1. The naive kernels: one thread per (b, c), grid ceil(B C / 32) blocks of 32 threads (adjacent threads take
 // adjacent channels, so every load of a warp is one 128-byte line). Each walks its row twice, O(T) per thread.
+// The walks are written for a piece t0..t1-1 of a row that enters with the sums of the rest of the row (section 2
+// splits rows into pieces); here the piece is the whole row and the sums entering it are empty.
 
-// Calls step(t, load(t)) for t = 0..T-1 (T-1..0 when REVERSE), loading NAIVE_TB tokens before stepping through them:
-// a thread walks its row alone, and a load waited for token by token (~600 cycles) costs more than the step.
+// Calls step(t, load(t)) for t = t0..t1-1 (t1-1..t0 when REVERSE), loading NAIVE_TB tokens before stepping through
+// them: a thread walks its row alone, and a load waited for token by token (~600 cycles) costs more than the step.
 #define NAIVE_TB 8
 template <bool REVERSE, typename Load, typename Step>
-__device__ __forceinline__ void walk(int T, Load load, Step step) {
-    for (int i0 = 0; i0 < T; i0 += NAIVE_TB) {
+__device__ __forceinline__ void walk(int t0, int t1, Load load, Step step) {
+    for (int i0 = 0; i0 < t1 - t0; i0 += NAIVE_TB) {
         decltype(load(0)) x[NAIVE_TB];
 #pragma unroll
         for (int j = 0; j < NAIVE_TB; ++j)
-            if (i0 + j < T) x[j] = load(REVERSE ? T - 1 - (i0 + j) : i0 + j);
+            if (i0 + j < t1 - t0) x[j] = load(REVERSE ? t1 - 1 - (i0 + j) : t0 + i0 + j);
 #pragma unroll
         for (int j = 0; j < NAIVE_TB; ++j)
-            if (i0 + j < T) step(REVERSE ? T - 1 - (i0 + j) : i0 + j, x[j]);
+            if (i0 + j < t1 - t0) step(REVERSE ? t1 - 1 - (i0 + j) : t0 + i0 + j, x[j]);
     }
 }
 
@@ -126,9 +130,34 @@ template <typename F> __device__ __forceinline__ void log_mean(St<F> s, F w, F &
     mean = any ? dv(s.a, s.b) : F(0);
 }
 
-// Right to left, the sums entering each token from the right are parked in y and log Z as (mean, log2 den);
-// left to right, y_t is the mean of the left side's mean, the right side's and v_t, weighted by their denominators
-// and the bonus e^{u + k_t}; log2 Z_t = log2 of the sum of those three weights.
+// The forward over tokens t0..t1-1 of one row (k, v, y, logz point at the row's token 0; tokens are C apart),
+// entering with the sums of the tokens left of t0 (fw) and right of t1 - 1 (rv). Right to left, the sums entering
+// each token from the right are parked in y and log Z as (mean, log2 den); left to right, y_t is the mean of the
+// left side's mean, the right side's and v_t, weighted by their denominators and the bonus e^{u + k_t};
+// log2 Z_t = log2 of the sum of those three weights.
+template <typename F>
+__device__ __forceinline__ void forward_walks(int t0, int t1, int C, F w, F u, F k0, const F *k, const F *v, F *y,
+                                              F *logz, St<F> fw, St<F> rv) {
+    struct Token { F key, v, mean, logden; };  // key and value; the right side's sums, parked
+    walk<true>(t0, t1, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
+               [&](int t, Token x) {
+                   log_mean(rv, w, logz[(long long)t * C], y[(long long)t * C]);
+                   push<F, false>(rv, w, x.key, x.v, F(1));
+               });
+    walk<false>(t0, t1, [&](int t) {
+        const long long o = (long long)t * C;
+        return Token{(k[o] - k0) * F(L2E), v[o], y[o], logz[o]};
+    }, [&](int t, Token x) {
+        F left, left_mean;
+        log_mean(fw, w, left, left_mean);
+        const F uk = u + x.key, top = fmax(fmax(left, x.logden), uk);
+        const F eL = ex(left - top), eR = ex(x.logden - top), eU = ex(uk - top), den = eL + eR + eU;
+        y[(long long)t * C] = dv(fma(eL, left_mean, fma(eR, x.mean, eU * x.v)), den);
+        logz[(long long)t * C] = top + lg(den);
+        push<F, false>(fw, w, x.key, x.v, F(1));
+    });
+}
+
 template <typename F>
 __global__ void wkv_forward_naive(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_,
                                   const F *__restrict__ k_, const F *__restrict__ v_, F *__restrict__ y_,
@@ -136,35 +165,43 @@ __global__ void wkv_forward_naive(int B, int T, int C, const F *__restrict__ w_,
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)B * C) return;
     const int c = i % C;
-    const long long row = i - c;  // b * C: token t of this row is at row * T + t * C + c
-    const F *k = k_ + row * T + c, *v = v_ + row * T + c;
-    F *y = y_ + row * T + c, *logz = logz_ + row * T + c;
-    const F w = per_token(w_, c, T), u = per_token(u_, c, T), k0 = k[0];
-    struct Token { F key, v, mean, logden; };  // key and value; the right side's sums, parked
-    St<F> s = empty<F>();
-    walk<true>(T, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
-               [&](int t, Token x) {
-                   log_mean(s, w, logz[(long long)t * C], y[(long long)t * C]);
-                   push<F, false>(s, w, x.key, x.v, F(1));
-               });
-    s = empty<F>();
-    walk<false>(T, [&](int t) {
+    const long long o = (i - c) * T + c;  // token 0 of row i = b C + c: b T C + c
+    forward_walks(0, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
+                  empty<F>(), empty<F>());
+}
+
+// The gradient walk (hpcm.py's formulas) over tokens t0..t1-1 of one row, entering with the gradient sums of the
+// tokens left of t0 (fw) and right of t1 - 1 (rv): right to left, each token's share of gk, gv from the sums entering
+// it from the right is parked in gk, gv; left to right, the left side's share and the bonus term's are added. e is
+// e^{k_t} times the state's scale; the row's sums for gw, gu (before the division by T) are added to gw, gu.
+template <typename F>
+__device__ __forceinline__ void backward_walks(int t0, int t1, int C, F w, F u, F k0, const F *k, const F *v,
+                                               const F *y, const F *logz, const F *gy, F *gk, F *gv, St<F> fw,
+                                               St<F> rv, F &gw, F &gu) {
+    struct Token { F key, v, y, kappa, gy, gk, gv; };  // kappa = -log2 Z; gk, gv: the right side's share, parked
+    auto load = [&](int t, bool parked) {
         const long long o = (long long)t * C;
-        return Token{(k[o] - k0) * F(L2E), v[o], y[o], logz[o]};
-    }, [&](int t, Token x) {
-        F left, left_mean;
-        log_mean(s, w, left, left_mean);
-        const F uk = u + x.key, top = fmax(fmax(left, x.logden), uk);
-        const F eL = ex(left - top), eR = ex(x.logden - top), eU = ex(uk - top), den = eL + eR + eU;
-        y[(long long)t * C] = dv(fma(eL, left_mean, fma(eR, x.mean, eU * x.v)), den);
-        logz[(long long)t * C] = top + lg(den);
-        push<F, false>(s, w, x.key, x.v, F(1));
+        return Token{(k[o] - k0) * F(L2E), v[o], y[o], -logz[o], gy[o], parked ? gk[o] : F(0), parked ? gv[o] : F(0)};
+    };
+    walk<true>(t0, t1, [&](int t) { return load(t, false); }, [&](int t, Token x) {
+        const F e = ex(x.key + expo(rv, w));
+        gk[(long long)t * C] = e * fma(x.v, rv.a, -rv.b);
+        gv[(long long)t * C] = e * rv.a;
+        gw = fma(e, fma(x.v, rv.a2, -rv.b2), gw);
+        push<F, true>(rv, w, x.kappa, x.gy, x.gy * x.y);
+    });
+    walk<false>(t0, t1, [&](int t) { return load(t, true); }, [&](int t, Token x) {
+        const F e = ex(x.key + expo(fw, w));
+        const F eb = ex(u + x.key + x.kappa) * x.gy, vy = eb * (x.v - x.y);  // the bonus term: e^{u+k_t} q_t
+        gk[(long long)t * C] = x.gk + fma(e, fma(x.v, fw.a, -fw.b), vy);
+        gv[(long long)t * C] = x.gv + fma(e, fw.a, eb);
+        gw = fma(e, fma(x.v, fw.a2, -fw.b2), gw);
+        gu += vy;
+        push<F, true>(fw, w, x.kappa, x.gy, x.gy * x.y);
     });
 }
 
-// The gradient walk (hpcm.py's formulas): right to left, each token's share of gk, gv from the sums entering it from
-// the right is parked in gk, gv; left to right, the left side's share and the bonus term's are added. e is e^{k_t}
-// times the state's scale; gw, gu (for raw w, u: divided by T) go to (B, C) partial sums that the caller adds up.
+// gw, gu go to (B, C) partial sums (for the raw w, u: divided by T) that the caller adds up over b
 template <typename F>
 __global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_,
                                    const F *__restrict__ k_, const F *__restrict__ v_, const F *__restrict__ y_,
@@ -173,41 +210,171 @@ __global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)B * C) return;
     const int c = i % C;
-    const long long row = i - c;
-    const F *k = k_ + row * T + c, *v = v_ + row * T + c, *y = y_ + row * T + c, *logz = logz_ + row * T + c,
-            *gy = gy_ + row * T + c;
-    F *gk = gk_ + row * T + c, *gv = gv_ + row * T + c;
-    const F w = per_token(w_, c, T), u = per_token(u_, c, T), k0 = k[0];
-    struct Token { F key, v, y, kappa, gy, gk, gv; };  // kappa = -log2 Z; gk, gv: the right side's share, parked
-    auto load = [&](int t, bool parked) {
-        const long long o = (long long)t * C;
-        return Token{(k[o] - k0) * F(L2E), v[o], y[o], -logz[o], gy[o], parked ? gk[o] : F(0), parked ? gv[o] : F(0)};
-    };
+    const long long o = (i - c) * T + c;
     F gw = 0, gu = 0;
-    St<F> s = empty<F>();
-    walk<true>(T, [&](int t) { return load(t, false); }, [&](int t, Token x) {
-        const F e = ex(x.key + expo(s, w));
-        gk[(long long)t * C] = e * fma(x.v, s.a, -s.b);
-        gv[(long long)t * C] = e * s.a;
-        gw = fma(e, fma(x.v, s.a2, -s.b2), gw);
-        push<F, true>(s, w, x.kappa, x.gy, x.gy * x.y);
-    });
-    s = empty<F>();
-    walk<false>(T, [&](int t) { return load(t, true); }, [&](int t, Token x) {
-        const F e = ex(x.key + expo(s, w));
-        const F eb = ex(u + x.key + x.kappa) * x.gy, vy = eb * (x.v - x.y);  // the bonus term: e^{u+k_t} q_t
-        gk[(long long)t * C] = x.gk + fma(e, fma(x.v, s.a, -s.b), vy);
-        gv[(long long)t * C] = x.gv + fma(e, s.a, eb);
-        gw = fma(e, fma(x.v, s.a2, -s.b2), gw);
-        gu += vy;
-        push<F, true>(s, w, x.kappa, x.gy, x.gy * x.y);
-    });
+    backward_walks(0, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
+                   gy_ + o, gk_ + o, gv_ + o, empty<F>(), empty<F>(), gw, gu);
     gw_[i] = dv(-gw, F(T));
     gu_[i] = dv(gu, F(T));
 }
 
 // ================================================================================================================
-// 2. The chunked kernels. T is cut into chunks of BL = LT * NS tokens (hpcm.py compiles the forward with LT = 8 and
+// 2. Split rows: section 1's walks with each row cut into NS pieces of ceil(T / NS) tokens, one thread a piece, and
+// a block of (CW channels, NS pieces) a row tile: grid ceil(C / CW) B blocks of CW NS threads. A thread sums its
+// piece both ways (the piece's two summaries); block_scan turns the block's summaries into the sums entering every
+// piece from the left and from the right; then the thread walks its piece as section 1's thread walks its row.
+// One launch a pass, like section 1, with NS times its threads: the faster kernels for short rows (hpcm.bi_wkv's
+// choice); for long rows a thread's piece gets long and section 3's chunks win.
+
+// a state's NV = 4 (or 6 with D) values, `stride` elements apart
+template <typename F, bool D> __device__ __forceinline__ St<F> get_state(const F *p, int stride) {
+    St<F> s{p[0], p[stride], p[2 * stride], p[3 * stride], F(0), F(0)};
+    if (D) {
+        s.a2 = p[4 * stride];
+        s.b2 = p[5 * stride];
+    }
+    return s;
+}
+template <typename F, bool D> __device__ __forceinline__ void put_state(F *p, int stride, St<F> s) {
+    p[0] = s.r;
+    p[stride] = s.n;
+    p[2 * stride] = s.a;
+    p[3 * stride] = s.b;
+    if (D) {
+        p[4 * stride] = s.a2;
+        p[5 * stride] = s.b2;
+    }
+}
+
+// The block scan, for a block of (CW channels, NS pieces) whose piece i holds len(i) tokens: every piece's two
+// summaries go to shared memory; warp 0 walks them left to right and warp 1 right to left (CW channels each, one per
+// lane), replacing each by the state entering that piece, starting from the states entering the block's tokens
+// (cf, cr). A serial walk merges NS times per direction, where a parallel (Hillis-Steele) scan would merge
+// NS log2(NS) times. On return fw, rv are the states entering this thread's piece; warp 0 holds the block's forward
+// summary in tf, warp 1 the reverse in tr. sh: [2][NV][NS][CW] scratch, NV = 6 (D) or 4.
+template <typename F, bool D, typename Len>
+__device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, Len len, F *sh, St<F> &tf, St<F> &tr) {
+    constexpr int NV = D ? 6 : 4;
+    const int s = threadIdx.y, c = threadIdx.x;
+    auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW, q); };
+    auto get = [&](int dir, int i) { return get_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW); };
+    put(0, s, fw);
+    put(1, s, rv);
+    __syncthreads();
+    if (s < 2) {
+        const int dir = s;
+        St<F> run = dir ? cr : cf;
+        for (int j = 0; j < NS; ++j) {
+            const int i = dir ? NS - 1 - j : j;
+            St<F> own = get(dir, i);
+            put(dir, i, run);
+            run = merge<F, D>(run, F(len(i)), own, w);
+        }
+        (dir ? tr : tf) = run;
+    }
+    __syncthreads();
+    fw = get(0, s);
+    rv = get(1, s);
+    __syncthreads();
+}
+
+// The block's per-thread sums of gw, gu added per channel (sh: [2][NS][CW], free), written for the raw w, u
+// (divided by T) at gw_[at], gu_[at] by the threads of piece 0.
+template <typename F>
+__device__ __forceinline__ void block_sums(F *sh, F gw, F gu, bool live, int T, F *gw_, F *gu_, long long at) {
+    sh[threadIdx.y * CW + threadIdx.x] = gw;
+    sh[(NS + threadIdx.y) * CW + threadIdx.x] = gu;
+    __syncthreads();
+    if (threadIdx.y == 0 && live) {
+        F sw = 0, su = 0;
+        for (int i = 0; i < NS; ++i) {
+            sw += sh[i * CW + threadIdx.x];
+            su += sh[(NS + i) * CW + threadIdx.x];
+        }
+        gw_[at] = dv(-sw, F(T));
+        gu_[at] = dv(su, F(T));
+    }
+}
+
+// thread (x, s) of block b ceil(C / CW) + channel tile: channel c, tokens t0..t1-1 (piece s); o is the offset of
+// the row's token 0 in a (B, T, C) tensor
+struct Piece {
+    int b, c, T, L, t0, t1;
+    bool live;
+    long long o;
+    __device__ int len(int i) const { return max(0, min(L, T - i * L)); }  // tokens of piece i
+};
+
+__device__ __forceinline__ Piece piece(int T, int C) {
+    Piece q;
+    const int ctiles = (C + CW - 1) / CW;
+    q.b = blockIdx.x / ctiles;
+    q.c = (blockIdx.x - q.b * ctiles) * CW + threadIdx.x;
+    q.T = T;
+    q.L = (T + NS - 1) / NS;
+    q.t0 = min(T, int(threadIdx.y) * q.L);
+    q.t1 = min(T, q.t0 + q.L);
+    q.live = q.c < C;
+    q.o = (long long)q.b * T * C + q.c;
+    return q;
+}
+
+// A piece's two summaries: the sums of its tokens (load(t): key, values a and b) as seen from the token after it
+// (fw) and from the token before it (rv), in one walk left to right: fw takes each token as push does, rv takes it
+// as a term d = t - t0 tokens further away than the piece's first token (the state pushing right to left would reach).
+template <typename F> struct Term { F key, a, b; };
+template <typename F, bool D, typename Load>
+__device__ __forceinline__ void summaries(const Piece &q, F w, Load load, St<F> &fw, St<F> &rv) {
+    fw = rv = empty<F>();
+    if (!q.live) return;
+    walk<false>(q.t0, q.t1, load, [&](int t, Term<F> x) {
+        push<F, D>(fw, w, x.key, x.a, x.b);
+        const F d = F(t - q.t0);
+        rv = merge<F, D>(rv, F(0), St<F>{x.key, d, x.a, x.b, d * x.a, d * x.b}, w);
+    });
+}
+
+template <typename F>
+__global__ void __launch_bounds__(CW * NS)
+wkv_forward_split(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
+                  const F *__restrict__ v_, F *__restrict__ y_, F *__restrict__ logz_) {
+    __shared__ F sh[8 * NS * CW];
+    const Piece q = piece(T, C);
+    const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
+    const F *k = k_ + q.o, *v = v_ + q.o, k0 = q.live ? k[0] : F(0);
+    St<F> fw, rv, tf, tr;
+    summaries<F, false>(q, w, [&](int t) {
+        return Term<F>{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C], F(1)};
+    }, fw, rv);
+    block_scan<F, false>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
+    if (q.live) forward_walks(q.t0, q.t1, C, w, u, k0, k, v, y_ + q.o, logz_ + q.o, fw, rv);
+}
+
+// gw, gu go to (B, C) partial sums, as from the naive kernel
+template <typename F>
+__global__ void __launch_bounds__(CW * NS)
+wkv_backward_split(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
+                   const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
+                   const F *__restrict__ gy_, F *__restrict__ gk_, F *__restrict__ gv_, F *__restrict__ gw_,
+                   F *__restrict__ gu_) {
+    __shared__ F sh[12 * NS * CW];
+    const Piece q = piece(T, C);
+    const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
+    const F *k = k_ + q.o, *y = y_ + q.o, *logz = logz_ + q.o, *gy = gy_ + q.o, k0 = q.live ? k[0] : F(0);
+    St<F> fw, rv, tf, tr;
+    summaries<F, true>(q, w, [&](int t) {
+        const long long o = (long long)t * C;
+        return Term<F>{-logz[o], gy[o], gy[o] * y[o]};
+    }, fw, rv);
+    block_scan<F, true>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
+    F gw = 0, gu = 0;
+    if (q.live)
+        backward_walks(q.t0, q.t1, C, w, u, k0, k, v_ + q.o, y, logz, gy, gk_ + q.o, gv_ + q.o, fw, rv, gw, gu);
+    block_sums(sh, gw, gu, q.live, T, gw_, gu_, (long long)q.b * C + q.c);
+}
+
+// ================================================================================================================
+// 3. The chunked kernels. T is cut into chunks of BL = LT * NS tokens (hpcm.py compiles the forward with LT = 8 and
 // the backward with LT = 6); a block, (blockIdx.x = j * ctiles + channel tile, blockIdx.y = b), owns one chunk of CW
 // channels; thread (x, s) owns the LT tokens s*LT.. of channel x (a sub-chunk). Each pass is three launches (both
 // scan directions in every launch):
@@ -216,7 +383,7 @@ __global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_
 //                    states, in place,
 //   wkv_forward<F, true> / wkv_backward<F, true>: each chunk again from its incoming states; write the outputs.
 // Inside a block one warp per direction walks the sub-chunk summaries in shared memory (block_scan). Each thread
-// summarises its own tokens exactly (push by push), or with section 3's lean frames where those are safe.
+// summarises its own tokens exactly (push by push), or with section 4's lean frames where those are safe.
 
 struct Tile {
     int b, j, c, s, cs, t0, len, nchunk;
@@ -244,26 +411,6 @@ __device__ __forceinline__ Tile tile(int T, int C) {
     return q;
 }
 
-// a state's NV = 4 (or 6 with D) values, `stride` elements apart
-template <typename F, bool D> __device__ __forceinline__ St<F> get_state(const F *p, int stride) {
-    St<F> s{p[0], p[stride], p[2 * stride], p[3 * stride], F(0), F(0)};
-    if (D) {
-        s.a2 = p[4 * stride];
-        s.b2 = p[5 * stride];
-    }
-    return s;
-}
-template <typename F, bool D> __device__ __forceinline__ void put_state(F *p, int stride, St<F> s) {
-    p[0] = s.r;
-    p[stride] = s.n;
-    p[2 * stride] = s.a;
-    p[3 * stride] = s.b;
-    if (D) {
-        p[4 * stride] = s.a2;
-        p[5 * stride] = s.b2;
-    }
-}
-
 // state of chunk row `row` in direction `dir` (0 forward, 1 reverse): (B, nchunk, 2, NV, C) with NV = 4 or 6
 template <typename F, bool D> __device__ __forceinline__ St<F> load_state(const F *S, long long row, int dir, int C,
                                                                          int c) {
@@ -272,44 +419,6 @@ template <typename F, bool D> __device__ __forceinline__ St<F> load_state(const 
 template <typename F, bool D> __device__ __forceinline__ void store_state(F *S, long long row, int dir, int C, int c,
                                                                          St<F> s) {
     put_state<F, D>(S + (row * 2 + dir) * (D ? 6 : 4) * C + c, C, s);
-}
-
-// tokens held by sub-chunks lo..hi of the chunk starting at cs
-__device__ __forceinline__ int tokens(int lo, int hi, int cs, int T) {
-    return max(0, min((hi - lo + 1) * LT, T - (cs + lo * LT)));
-}
-
-// The block scan: every sub-chunk's two summaries go to shared memory; warp 0 walks them left to right and warp 1
-// right to left (CW channels each, one per lane), replacing each by the state entering that sub-chunk, starting from
-// the states entering the chunk (cf, cr). A serial walk merges NS times per direction, where a parallel
-// (Hillis-Steele) scan would merge NS log2(NS) times. On return fw, rv are the
-// states entering this thread's sub-chunk; warp 0 holds the chunk's forward summary in tf, warp 1 the reverse in tr.
-// sh: [2][NV][NS][CW] scratch, NV = 6 (D) or 4.
-template <typename F, bool D>
-__device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, int cs, int T, F *sh, St<F> &tf,
-                           St<F> &tr) {
-    constexpr int NV = D ? 6 : 4;
-    const int s = threadIdx.y, c = threadIdx.x;
-    auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW, q); };
-    auto get = [&](int dir, int i) { return get_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW); };
-    put(0, s, fw);
-    put(1, s, rv);
-    __syncthreads();
-    if (s < 2) {
-        const int dir = s;
-        St<F> run = dir ? cr : cf;
-        for (int j = 0; j < NS; ++j) {
-            const int i = dir ? NS - 1 - j : j;
-            St<F> own = get(dir, i);
-            put(dir, i, run);
-            run = merge<F, D>(run, F(tokens(i, i, cs, T)), own, w);
-        }
-        (dir ? tr : tf) = run;
-    }
-    __syncthreads();
-    fw = get(0, s);
-    rv = get(1, s);
-    __syncthreads();
 }
 
 // The exact path: push token by token, each state keeping the key of its largest term and that term's distance.
@@ -326,7 +435,7 @@ __device__ __forceinline__ void exact_summaries(const F *key, const F *va, const
         if (p < len) push<F, D>(rv, w, key[p], va[p], vb[p]);
 }
 
-// Section 3's lean frames, used by the kernels below where they are safe (declared here, defined after them).
+// Section 4's lean frames, used by the kernels below where they are safe (declared here, defined after them).
 template <typename F, bool D>
 __device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
                                                St<F> &fw, St<F> &rv);
@@ -353,7 +462,7 @@ __device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *v
         cf = load_state<F, D>(carries, q.row, 0, C, q.c);
         cr = load_state<F, D>(carries, q.row, 1, C, q.c);
     }
-    block_scan<F, D>(fw, rv, cf, cr, w, q.cs, T, sh, tf, tr);
+    block_scan<F, D>(fw, rv, cf, cr, w, [&](int i) { return max(0, min(LT, T - (q.cs + i * LT))); }, sh, tf, tr);
     if (totals && q.s < 2 && q.live)
         store_state<F, D>(totals, q.row, q.s, C, q.c, q.s ? tr : tf);
 }
@@ -367,7 +476,7 @@ __device__ __forceinline__ void load_tokens(const F *__restrict__ src, const Til
         dst[p] = q.live && p < q.len ? (src[q.off + (long long)p * C] - shift) * scale : F(0);
 }
 
-// the lean frames' |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90 (section 3)
+// the lean frames' |w| bound (log2 units): weights within 2^+-15, e^k times a frame below 2^90 (section 4)
 #define LEAN_W (30.0 / (2 * LT))
 #define LEAN_MIN (-60.0)  // the smallest frame weight (log2) a lean prefix may start from
 
@@ -522,23 +631,11 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
                 push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p]);
             }
     }
-    F *red = sh;  // [2][NS][CW], free again after chunk_scan
-    red[q.s * CW + threadIdx.x] = gw;
-    red[(NS + q.s) * CW + threadIdx.x] = gu;
-    __syncthreads();
-    if (q.s == 0 && q.live) {
-        F sw = 0, su = 0;
-        for (int i = 0; i < NS; ++i) {
-            sw += red[i * CW + threadIdx.x];
-            su += red[(NS + i) * CW + threadIdx.x];
-        }
-        gw_[q.row * C + q.c] = dv(-sw, F(T));
-        gu_[q.row * C + q.c] = dv(su, F(T));
-    }
+    block_sums(sh, gw, gu, q.live, T, gw_, gu_, q.row * C + q.c);  // sh is free again after chunk_scan
 }
 
 // ================================================================================================================
-// 3. Lean frames: an optimisation of section 2's per-thread work, for a full sub-chunk (LT tokens) with
+// 4. Lean frames: an optimisation of section 3's per-thread work, for a full sub-chunk (LT tokens) with
 // |w| <= LEAN_W (always, for w = decay / T). No running maximum token by token: all LT tokens are weighed in one
 // frame per direction, referenced to kmax, the largest key: token p weighs ef[p] = 2^(key_p - kmax - (LT-1-p) w)
 // as seen by the token after the sub-chunk, er[p] = 2^(key_p - kmax - p w) as seen by the token before it. Every
@@ -546,7 +643,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
 // is one ex2 of an exactly formed difference (fma): one ex2 and two fma per token and direction, where a push costs
 // a rescaled merge (a dozen instructions). The states then read (kmax, 0, sums): their exponent is that of kmax,
 // not of the largest term, which merge() does not need. Where a check fails (keys so spread that a prefix would
-// underflow in the frame) the thread takes section 2's exact path.
+// underflow in the frame) the thread takes section 3's exact path.
 template <typename F, bool D>
 __device__ __forceinline__ void lean_summaries(const F *key, const F *va, const F *vb, F w, F &kmax, F *ef, F *er,
                                                St<F> &fw, St<F> &rv) {
