@@ -166,7 +166,9 @@ BENCHMARKS['lash_exit'] = (add_lash_exit_args, run_lash_exit,
 def run_lash_generate(args):
     """Greedy generation of --new_tokens bytes after each of --prompts prompts (--prompt_len bytes from evenly
     spaced places in the validation split; each its own run, batch 1), full depth against early exit (paired_times):
-    tokens/s, speed-up and the exit rate."""
+    tokens/s, speed-up and the exit rate. Threshold 1 never exits (its speed-up is the routing's cost alone: the
+    exit head and confidence on every token), a tiny one such as 0.001 always does (the most early exit can save);
+    between them a threshold's speed-up follows its exit rate."""
     import torch
 
     import lash
