@@ -154,33 +154,47 @@ def bi_wkv_dense(w, u, k, v):
     return torch.einsum('btic,bic->btc', weights, v)
 
 
-def _decayed_scan(w, keys, values, reverse):
-    """Exclusive decayed sums, one token at a time: for every t, (m_t, s_t) with
-    e^{m_t} s_t = Σ_{i<t} e^{-(t-1-i)·w + keys_i} values_i (i > t and distance i-t-1 when reverse).
-    keys (B, T, C), values (n, B, T, C) -> m (B, T, C), s (n, B, T, C). The state keeps the key r of its largest
-    term and that term's distance n, not a decayed maximum, so m = r - n·w is rounded once however long T is;
-    each step rescales by e^{-|diff|} <= 1."""
+def _decayed_scan(w, keys, values, reverse, n0=0.0):
+    """Exclusive decayed sums, one token at a time: for every t, (r_t, n_t, s_t) with
+    e^{r_t - n_t·w} s_t = Σ_{i<t} e^{-(t-1-i)·w + keys_i - n0_i·w} values_i (i > t and distance i-t-1 when reverse).
+    keys (B, T, C), values (n, B, T, C), n0 (T, C) or 0 -> r, n (B, T, C), s (n, B, T, C). The state keeps the key r
+    of its largest term and that term's distance n (its decay in tokens, n0 included), not a decayed maximum, so an
+    exponent r - n·w is rounded once however long T is; each step rescales by e^{-|diff|} <= 1."""
     B, T, C = keys.shape
     r = torch.full((B, C), -math.inf, dtype=keys.dtype, device=keys.device)
     n = torch.zeros_like(r)
+    n0 = torch.as_tensor(n0, dtype=keys.dtype, device=keys.device).expand(T, C)
     s = values.new_zeros(values.shape[0], B, C)
-    ms, ss = [None] * T, [None] * T
+    rs, ns, ss = [None] * T, [None] * T, [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        ms[t], ss[t] = r - n * w, s
+        rs[t], ns[t], ss[t] = r, n, s
         n = n + 1
-        diff = (r - keys[:, t]) - n * w  # old largest term (decayed once more) minus the new one, in exponent
+        diff = (r - keys[:, t]) - (n - n0[t]) * w  # old largest term (decayed once more) minus the new one
         keep, e = diff >= 0, torch.exp(-diff.abs())
         s = torch.where(keep, s + values[:, :, t] * e, s * e + values[:, :, t])
-        r, n = torch.where(keep, r, keys[:, t]), torch.where(keep, n, torch.zeros_like(n))
-    return torch.stack(ms, 1), torch.stack(ss, 2)
+        r, n = torch.where(keep, r, keys[:, t]), torch.where(keep, n, n0[t])
+    return torch.stack(rs, 1), torch.stack(ns, 1), torch.stack(ss, 2)
 
 
-def _wkv_scan_forward(w, u, k, v):
-    """w, u already divided by T -> y, log Z and the forward / reverse states the backward needs."""
+def _far_reference(w, T):
+    """nstar (T, C): with w < 0 far tokens weigh more and log Z_t reaches about
+    (max(t, T-1-t) - 1)·|w|, whose float32 rounding (~|w|·1e-7) would cost the gradients their precision. Where the
+    decay lets far tokens outweigh near ones by more than 2^32, log Z_t is kept relative to nstar_t tokens of decay
+    (max(t, T-1-t) - 1), and the backward takes token t's key -log Z_t with -nstar_t tokens of decay counted: every
+    exponent stays a difference of keys and an integer times w. Elsewhere nstar = 0."""
+    t = torch.arange(T, dtype=w.dtype, device=w.device)
+    far = w * (T - 1) < -32 * math.log(2)
+    return torch.where(far, (torch.maximum(t, T - 1 - t) - 1).clamp_min(0)[:, None], torch.zeros_like(w))
+
+
+def _wkv_scan_forward(w, u, k, v, ref):
+    """w, u already divided by T, ref = _far_reference -> y, log Z + ref·w and the forward / reverse states (their
+    exponents relative to ref) the backward needs."""
     vals = torch.stack([v, torch.ones_like(v)])
-    m_a, (a, b) = _decayed_scan(w, k, vals, reverse=False)
-    m_c, (c, d) = _decayed_scan(w, k, vals, reverse=True)
-    bonus = u + k
+    r_a, n_a, (a, b) = _decayed_scan(w, k, vals, reverse=False)
+    r_c, n_c, (c, d) = _decayed_scan(w, k, vals, reverse=True)
+    m_a, m_c = r_a - (n_a - ref) * w, r_c - (n_c - ref) * w
+    bonus = u + k + ref * w
     top = torch.maximum(torch.maximum(m_a, m_c), bonus)
     e_a, e_c, e_u = torch.exp(m_a - top), torch.exp(m_c - top), torch.exp(bonus - top)
     den = b * e_a + d * e_c + e_u
@@ -205,20 +219,22 @@ class _BiWKVScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, u, k, v):
         k = k - k[:, :1]  # y and its gradients do not change; exponents stay small when k has a large offset
-        y, v_minus_y, log_z, states = _wkv_scan_forward(w, u, k, v)
-        ctx.save_for_backward(w, u, k, v, y, v_minus_y, log_z, *states)
+        ref = _far_reference(w, k.shape[1])
+        y, v_minus_y, log_z, states = _wkv_scan_forward(w, u, k, v, ref)
+        ctx.save_for_backward(w, u, k, v, y, v_minus_y, log_z, ref, *states)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        w, u, k, v, y, v_minus_y, log_z, m_a, a, b, m_c, c, d = ctx.saved_tensors
-        kappa = -log_z  # q_t = gy_t / Z_t = gy_t e^{kappa_t}
+        w, u, k, v, y, v_minus_y, log_z, ref, m_a, a, b, m_c, c, d = ctx.saved_tensors
+        kappa = -log_z  # q_t = gy_t / Z_t = gy_t e^{kappa_t + ref_t·w}: keys kappa with -ref tokens of decay counted
         vals = torch.stack([gy, gy * y])
-        m_l, (g_l, h_l) = _decayed_scan(w, kappa, vals, reverse=False)
-        m_r, (g_r, h_r) = _decayed_scan(w, kappa, vals, reverse=True)
-        e_l, e_r = torch.exp(k + m_l), torch.exp(k + m_r)
-        bonus_q = torch.exp(u + k + kappa) * gy
+        r_l, n_l, (g_l, h_l) = _decayed_scan(w, kappa, vals, reverse=False, n0=-ref)
+        r_r, n_r, (g_r, h_r) = _decayed_scan(w, kappa, vals, reverse=True, n0=-ref)
+        e_l, e_r = torch.exp(k + r_l - n_l * w), torch.exp(k + r_r - n_r * w)
+        m_l, m_r = r_l - (n_l + ref) * w, r_r - (n_r + ref) * w  # relative to -ref, to meet m_a, m_c (relative to ref)
+        bonus_q = torch.exp(u + k + kappa + ref * w) * gy
         gv = e_l * g_l + e_r * g_r + bonus_q
         gk = e_l * (v * g_l - h_l) + e_r * (v * g_r - h_r) + bonus_q * v_minus_y
         gu = (bonus_q * v_minus_y).sum((0, 1))
