@@ -332,10 +332,12 @@ BENCHMARKS['wkv'] = (add_wkv_args, run_wkv,
                      'Bi-WKV4 fwd+bwd: naive, split-row and chunked CUDA kernels vs torch scan vs dense')
 
 
-# ctm: training step time of the eager path against the CUDA-graph fast path (fp32 and bf16 autocast),
-# plain and plastic, at the batch sizes asked for; the model is exactly `train.py ctm --preset ...`'s.
+# ctm: training step time of the eager path against the CUDA-graph fast paths (paper ticks, fused ticks, compiled
+# fused ticks; fp32 or bf16 autocast), plain and plastic, at the batch sizes asked for; the model is exactly
+# `train.py ctm --preset ...`'s.
 
-CTM_PATHS = {'eager': ['--eager'], 'cuda_graph': ['--cuda_graph'], 'cuda_graph+bf16': ['--cuda_graph', '--use_amp'],
+CTM_PATHS = {'eager': ['--eager'], 'cuda_graph': ['--cuda_graph', '--tick', 'paper'],
+             'cuda_graph+bf16': ['--cuda_graph', '--tick', 'paper', '--use_amp'],
              'eager+bf16': ['--eager', '--use_amp'], 'cuda_graph+fused': ['--cuda_graph', '--tick', 'fused'],
              'cuda_graph+compiled': ['--cuda_graph', '--tick', 'compiled'],
              'cuda_graph+compiled+bf16': ['--cuda_graph', '--tick', 'compiled', '--use_amp']}
@@ -347,7 +349,8 @@ CTM_CONFIGS = {'plain': [], 'bottleneck': ['--use_hyper', '--hyper_layers', 'bot
 def add_ctm_args(p):
     p.add_argument('--preset', default='mazes-small', help="train.py ctm's --preset (default the seeds' mazes-small)")
     p.add_argument('--batch_sizes', type=int, nargs='+', default=[16, 64])
-    p.add_argument('--paths', nargs='+', choices=tuple(CTM_PATHS), default=['eager', 'cuda_graph', 'cuda_graph+bf16'])
+    p.add_argument('--paths', nargs='+', choices=tuple(CTM_PATHS),
+                   default=['eager', 'cuda_graph', 'cuda_graph+fused', 'cuda_graph+compiled'])
     p.add_argument('--configs', nargs='+', choices=tuple(CTM_CONFIGS), default=list(CTM_CONFIGS))
     p.add_argument('--steps', type=int, default=10, help='timed steps after the 4 first (warm-up + capture) ones')
     p.add_argument('--ctm_flags', default='', help='more train.py ctm flags, e.g. "--iterations 10"')

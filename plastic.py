@@ -5,9 +5,12 @@ Pure functions over parameter dicts: `init_x(gen, ...) -> dict` makes parameters
 Imports only torch, numpy, einops and the standard library, so this one file can be copied into another project.
 """
 
+import collections
+import functools
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,24 +365,26 @@ def init_synapse_unet(gen, d_in, d_model, depth, hyper_layers='none', hyper_rank
             'skip_ln': [init_layer_norm(widths[i]) for i in range(depth - 1)]}
 
 
-def synapse_unet(p, x, rate=0.0, train=False, layer=None):
+def synapse_unet(p, x, rate=0.0, train=False, layer=None, norm=None):
     """pre_synapse_input x (B, d_input + d_model) -> state (B, d_model).
 
     Every Linear is plastic_linear(q, h, x): a HyperLoRALinear applies W_t = W + gate·U(c)V(c)^T with its own
-    hypernetwork reading c = x, the pre_synapse_input. `layer(name, q, h)`, if given, applies Linear `name`
-    ('first', 'down.i', 'up.i') instead: synapse_unet_stacked's fast path, after the model."""
+    hypernetwork reading c = x, the pre_synapse_input. `layer(name, q, h)` and `norm(name, q, h)`, if given, apply
+    Linear `name` ('first', 'down.i', 'up.i') and LayerNorm `name` ('first.ln', 'down.i.ln', 'up.i.ln', 'skip_ln.i')
+    instead: the fast paths after the model (synapse_unet_stacked, ctm_think_fast)."""
     layer = layer or (lambda name, q, h: plastic_linear(q, h, x))
+    norm = norm or (lambda name, q, h: layer_norm(q, h))
     if 'down' not in p:
-        return layer_norm(p['first']['ln'], glu(layer('first', p['first']['lin'], dropout(x, rate, train))))
-    outs_down = [F.silu(layer_norm(p['first']['ln'], layer('first', p['first']['lin'], x)))]
+        return norm('first.ln', p['first']['ln'], glu(layer('first', p['first']['lin'], dropout(x, rate, train))))
+    outs_down = [F.silu(norm('first.ln', p['first']['ln'], layer('first', p['first']['lin'], x)))]
     for i, block in enumerate(p['down']):
         h = layer(f'down.{i}', block['lin'], dropout(outs_down[-1], rate, train))
-        outs_down.append(F.silu(layer_norm(block['ln'], h)))
+        outs_down.append(F.silu(norm(f'down.{i}.ln', block['ln'], h)))
     out = outs_down[-1]
     for i in reversed(range(len(p['up']))):
         block = p['up'][i]
-        up = F.silu(layer_norm(block['ln'], layer(f'up.{i}', block['lin'], dropout(out, rate, train))))
-        out = layer_norm(p['skip_ln'][i], up + outs_down[i])
+        up = F.silu(norm(f'up.{i}.ln', block['ln'], layer(f'up.{i}', block['lin'], dropout(out, rate, train))))
+        out = norm(f'skip_ln.{i}', p['skip_ln'][i], up + outs_down[i])
     return out
 
 
@@ -799,11 +804,16 @@ def synapse_plastic_weights(p, stacked, x):
     return weights
 
 
-def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
-    """synapse_unet(p, x, rate, train) with the hypernetworks run from stacked = stack_hypernets(p)."""
+def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=None):
+    """synapse_unet(p, x, rate, train) with the hypernetworks run from stacked = stack_hypernets(p); tap(name, h),
+    if given, sees each Linear's input, and norm replaces synapse_unet's LayerNorms (ctm_think_fast uses both)."""
     weights = synapse_plastic_weights(p, stacked, x) if stacked is not None else {}
-    layer = lambda name, q, h: lora(q, h, *weights[name]) if name in weights else linear(q, h)
-    return synapse_unet(p, x, rate, train, layer)
+
+    def layer(name, q, h):
+        if tap is not None:
+            tap(name, h)
+        return lora(q, h, *weights[name]) if name in weights else linear(q, h)
+    return synapse_unet(p, x, rate, train, layer, norm)
 
 
 # ================================================================================================================
@@ -820,8 +830,12 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False):
 #   them), and the per-tick outputs are stacked once at the end;
 # - the trace is kept neuron-major (D, B, M), the layout of the NLMs' batched matmul, with w/T and b/T folded once
 #   per forward: one baddbmm per SuperLinear instead of the einsum's permuted copies, the bias add and the division;
-# - every tick reads its own view of the tensors shared by all ticks (views_per_tick): autograd otherwise adds each
-#   parameter's gradient into a running sum tick by tick, ~85 small additions a tick at the seeds' size;
+# - the weights every tick multiplies by (the U-Net's Linears and LayerNorms, the NLMs' folded weights, the query
+#   and out Linears, the attention's keys and values) get their gradients once for all ticks (TickShared): the ticks
+#   apply them detached and tap their inputs, and one wide matmul over all ticks' inputs and output gradients
+#   replaces a narrow one a tick and the running sum autograd keeps of them (~85 small additions a tick); the rest
+#   (the hypernetworks, r) is read through one view per tick (views_per_tick), whose T gradients autograd gathers
+#   with one stack and one sum;
 # - q_proj, the query in-projection and the 1/sqrt(head dim) scale are one Linear, folded once per forward, and the
 #   attention of the one query is spelled out (two batched matmuls and a softmax): the fused attention kernels work
 #   in blocks of 64 queries, and with one query their backward was a quarter of the captured step (H200);
@@ -835,9 +849,10 @@ def nlm_weights_folded(p):
     return (p['w1'] / p['T']).permute(2, 0, 1).contiguous(), (p['b1'] / p['T']).permute(1, 0, 2)
 
 
-def nlm_fused(p, folded, trace, activated_state, cfg, train=False):
+def nlm_fused(p, folded, trace, activated_state, cfg, train=False, tap=None):
     """nlm() on a neuron-major trace (D, B, M) -> (B, D): each plain SuperLinear one baddbmm with its folded (w, b)
-    (folded: nlm_weights_folded per layer); a plastic NLM (folded None) runs the paper form on the (B, D, M) view."""
+    (folded: nlm_weights_folded per layer); a plastic NLM (folded None) runs the paper form on the (B, D, M) view.
+    tap(name, h), if given, sees each baddbmm's input ('nlm.l1', 'nlm.l2')."""
     if folded is None:
         return nlm(p, trace.permute(1, 0, 2), activated_state, cfg, train)
     rate = cfg.dropout if cfg.dropout_nlm is None else cfg.dropout_nlm
@@ -846,6 +861,8 @@ def nlm_fused(p, folded, trace, activated_state, cfg, train=False):
         h = dropout(h, rate, train)
         if 'ln' in p[layer]:
             h = layer_norm(p[layer]['ln'], h)
+        if tap is not None:
+            tap(f'nlm.{layer}', h)
         h = glu(torch.baddbmm(b, h, w))
     return h[..., 0].t()
 
@@ -873,23 +890,82 @@ def views_per_tick(tree, T):
     return [tree] * T
 
 
+class TickShared(torch.autograd.Function):
+    """A weight (and bias) that every tick multiplies by its input, its gradient formed once for all ticks.
+
+    apply(eq, out_shape, taps, prepare, weight, bias) -> biases (T, *out_shape): tick t applies the weight detached
+    and adds biases[t] (the bias broadcast, or zeros) to its output, so that the biases' gradient G holds every tick's
+    output gradient; it appends its input to taps. The backward forms the weight's gradient from X = stack(taps)
+    (prepare(X) if given: a LayerNorm's ticks tap their input, normalised here once for all) and G in one einsum, eq's 'x,w->y' read backwards (y,x->w; K = T·B for a Linear), and the bias's as G summed to its
+    shape: one wide op where autograd would run one narrow matmul a tick and sum T gradients."""
+
+    @staticmethod
+    def forward(ctx, eq, out_shape, taps, prepare, weight, bias):
+        ctx.eq, ctx.taps, ctx.prepare, ctx.bias_shape = eq, taps, prepare, None if bias is None else bias.shape
+        return (weight.new_zeros(out_shape) if bias is None else bias.expand(out_shape))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, y = re.split(',|->', ctx.eq)
+        inputs = torch.stack(ctx.taps)
+        weight_grad = torch.einsum(f'{y},{x}->{w}', grad, inputs if ctx.prepare is None else ctx.prepare(inputs))
+        return None, None, None, None, weight_grad, None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
+
+
+def shared_per_tick(q, name, eq, out_shape, taps, prepare=None):
+    """A Linear or LayerNorm dict -> T dicts, tick t's {'weight': detached, 'bias': biases[t]} (TickShared; the
+    rest of q, e.g. 'hyper', kept); taps[name] collects the ticks' inputs."""
+    biases = TickShared.apply(eq, out_shape, taps[name], prepare, q['weight'], q.get('bias'))
+    return [{**q, 'weight': q['weight'].detach(), 'bias': b} for b in biases.unbind(0)]
+
+
+def synapses_per_tick(p, T, B, taps, name=''):
+    """The U-Net's tree -> T trees whose Linears ('tbi,oi->tbo') and LayerNorms' affine parts ('tbd,d->tbd' on the
+    normalised input) are TickShared, their taps named by their place in the tree ('first.lin', 'down.0.ln',
+    'skip_ln.1', ...)."""
+    if isinstance(p, dict) and 'weight' in p:
+        if p['weight'].dim() == 2:
+            return shared_per_tick(p, name, 'tbi,oi->tbo', (T, B, p['weight'].shape[0]), taps)
+        return shared_per_tick(p, name, 'tbd,d->tbd', (T, B, p['weight'].shape[0]), taps,
+                               lambda x: F.layer_norm(x, x.shape[-1:]))
+    items = p.items() if isinstance(p, dict) else enumerate(p)
+    trees = {k: synapses_per_tick(v, T, B, taps, f'{name}.{k}'.lstrip('.')) for k, v in items}
+    return [{k: v[t] for k, v in trees.items()} if isinstance(p, dict) else [trees[k][t] for k in range(len(p))]
+            for t in range(T)]
+
+
+def layer_norm_tapped(tap, name, q, h):
+    """A LayerNorm whose affine part is TickShared: tap its input; the bias is this tick's (B, D) slice."""
+    tap(name, h)
+    return F.layer_norm(h, h.shape[-1:], q['weight']) + q['bias']
+
+
 def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
-    """One tick of ctm_think_fast: carry = (trace (D, B, M), activated_state (B, D), alpha, sync) -> the next one.
-    shared = this tick's views of (synapses, nlm, attention out Linear, folded query Linear, (keys, values),
-    stacked hypernetworks, folded NLM weights, r); alpha and sync hold both pair sets [action | out];
-    inv_sqrt_beta is this tick's row."""
-    synapses, nlm_p, attn_out_p, query_p, (keys, values), hypernets, folded, r = shared
+    """One tick of ctm_think_fast: carry = (trace (D, B, M), activated_state (B, D), alpha, sync) -> (the next one,
+    {name: this tick's input to each TickShared op}). shared = this tick's (synapses, nlm, folded NLM weights,
+    attention out Linear, folded query Linear, keys, values, stacked hypernetworks, r); alpha and sync hold both
+    pair sets [action | out]; inv_sqrt_beta is this tick's row."""
+    synapses, nlm_p, folded, out_p, query_p, keys, values, hypernets, r = shared
     trace, activated_state, alpha, sync = carry
-    query = rearrange(linear(query_p, sync[:, :query_p['weight'].shape[1]]), 'b (h e) -> b h 1 e', h=cfg.heads)
-    weights = torch.softmax(query @ keys.transpose(-1, -2), dim=-1)  # (B, heads, 1, S); the query carries the scale
-    attn = dropout(weights, cfg.dropout, train) @ values
-    attn_out = linear(attn_out_p, rearrange(attn, 'b h 1 e -> b (h e)'))
-    pre_synapse_input = torch.cat([attn_out, activated_state], dim=-1)
-    state = synapse_unet_stacked(synapses, hypernets, pre_synapse_input, cfg.dropout, train)  # (B, D)
+    B = activated_state.shape[0]
+    taps = {}
+    tap = taps.__setitem__
+    x = sync[:, :query_p['weight'].shape[1]]  # the action part
+    tap('query', x)
+    query = linear(query_p, x).reshape(B * cfg.heads, 1, -1)  # (B·heads, 1, d / heads), scaled
+    tap('keys', query)
+    weights = torch.softmax(torch.baddbmm(keys['bias'], query, keys['weight'].transpose(1, 2)), dim=-1)
+    weights = dropout(weights, cfg.dropout, train)  # (B·heads, 1, S)
+    tap('values', weights)
+    attn = torch.baddbmm(values['bias'], weights, values['weight']).reshape(B, -1)  # (B, d_input)
+    tap('out', attn)
+    pre_synapse_input = torch.cat([linear(out_p, attn), activated_state], dim=-1)
+    state = synapse_unet_stacked(synapses, hypernets, pre_synapse_input, cfg.dropout, train,
+                                 lambda name, h: tap(f'{name}.lin', h), functools.partial(layer_norm_tapped, tap))
     trace = torch.cat([trace[..., 1:], state.t()[..., None]], dim=-1)
-    activated_state = nlm_fused(nlm_p, folded, trace, activated_state, cfg, train).contiguous()  # (B, D)
+    activated_state = nlm_fused(nlm_p, folded, trace, activated_state, cfg, train, tap).contiguous()  # (B, D)
     alpha = torch.addcmul(activated_state[:, pairs[0]] * activated_state[:, pairs[1]], r, alpha)  # r·alpha + z_i z_j
-    return trace, activated_state, alpha, alpha * inv_sqrt_beta
+    return (trace, activated_state, alpha, alpha * inv_sqrt_beta), taps
 
 
 def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
@@ -908,18 +984,31 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
     alpha = activated_state[:, pairs[0]] * activated_state[:, pairs[1]]  # both sums start from the start state
     carry = (params['start_trace'][:, None].expand(-1, B, -1).contiguous(), activated_state, alpha,
              alpha * inv_sqrt_beta[0])  # sync after one update (= alpha); a tensor of its own, as on every tick
+    taps = collections.defaultdict(list)
     nlms = [params['nlm'][k] for k in ('l1', 'l2') if k in params['nlm']]
-    folded = None if any('hyper' in q for q in nlms) else [nlm_weights_folded(q) for q in nlms]
-    # everything a tick reads that does not change over the ticks, made once per forward, one view per tick
-    keys_values = attention_keys_values(params['attention'], kv, cfg.heads)
-    shared = views_per_tick((params['synapses'], params['nlm'], params['attention']['out'],
-                             attention_query_folded(params, cfg.heads), keys_values,
-                             stack_hypernets(params['synapses']), folded, r), T)
+    if any('hyper' in q for q in nlms):
+        folded = [None] * T
+    else:
+        folded = [shared_per_tick({'weight': w, 'bias': b}, f'nlm.{k}', 'tdbi,dio->tdbo', (T, w.shape[0], B, w.shape[2]),
+                                  taps) for k, (w, b) in zip(('l1', 'l2'), map(nlm_weights_folded, nlms))]
+        folded = [[(q[t]['weight'], q[t]['bias']) for q in folded] for t in range(T)]
+    keys, values = (t.flatten(0, 1) for t in attention_keys_values(params['attention'], kv, cfg.heads))  # (B·h, S, e)
+    query = attention_query_folded(params, cfg.heads)
+    ticks = zip(synapses_per_tick(params['synapses'], T, B, taps),
+                views_per_tick(params['nlm'], T), folded,
+                shared_per_tick(params['attention']['out'], 'out', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
+                shared_per_tick(query, 'query', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
+                shared_per_tick({'weight': keys}, 'keys', 'tnqe,nse->tnqs', (T, len(keys), 1, keys.shape[1]), taps),
+                shared_per_tick({'weight': values}, 'values', 'tnqs,nse->tnqe', (T, *values.shape[:1], 1,
+                                                                                 values.shape[2]), taps),
+                views_per_tick(stack_hypernets(params['synapses']), T), views_per_tick(r, T))
     tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
                                                                         dynamic=False)
     syncs_out = []
-    for t, row in enumerate(inv_sqrt_beta[1:].unbind(0)):
-        carry = tick(shared[t], pairs, row, carry, cfg, train)
+    for shared, row in zip(ticks, inv_sqrt_beta[1:].unbind(0)):
+        carry, tapped = tick(shared, pairs, row, carry, cfg, train)
+        for name, x in tapped.items():
+            taps[name].append(x)
         syncs_out.append(carry[3][:, n_action:])
     sync_out = torch.stack(syncs_out)  # (T, B, synch size out)
     predictions = linear(params['output_projector'], sync_out)  # (T, B, out_dims)

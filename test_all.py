@@ -4,6 +4,7 @@ Sections follow the files: foundation (train.py), plastic.py, lash.py, hpcm.py. 
 independent computation (a dense matrix, an O(T^2) sum, a hand formula, a stdlib decoder), never the same code.
 """
 import argparse
+import collections
 import os
 import re
 import struct
@@ -2798,6 +2799,60 @@ def test_speed_views_per_tick_read_the_leaves_and_sum_their_gradients(T, seed):
     torch.testing.assert_close(b.grad, weights[1].sum(0))
 
 
+@given(kind=st.sampled_from(['linear', 'affine', 'neurons', 'keys']), T=st.integers(1, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=8)
+def test_speed_tick_shared_gradients_equal_the_sum_over_ticks(kind, T, seed):
+    """TickShared: ticks that apply the weight detached and add biases[t] give the weight and bias the gradients of
+    ticks that apply them directly (autograd's sum over ticks), float64; each kind as ctm_think_fast uses it."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    prepare = (lambda x: x - 1) if kind == 'affine' else None  # e.g. a LayerNorm's normalisation
+    eq, x_shape, w, b, apply = {
+        'linear': ('tbi,oi->tbo', (3, 4), rand(5, 4), rand(5), lambda x, w, b: torch.addmm(b, x, w.T)),
+        'affine': ('tbd,d->tbd', (3, 4), rand(4), rand(4), lambda x, w, b: torch.addcmul(b, x, w)),
+        'neurons': ('tdbi,dio->tdbo', (2, 3, 4), rand(2, 4, 5), rand(2, 1, 5),
+                    lambda x, w, b: torch.baddbmm(b, x, w)),
+        'keys': ('tnqe,nse->tnqs', (2, 1, 4), rand(2, 6, 4), None,
+                 lambda x, w, b: x @ w.transpose(1, 2) if b is None else torch.baddbmm(b, x, w.transpose(1, 2)))}[kind]
+    xs = [rand(*x_shape) for _ in range(T)]
+    out_grads = [rand(*apply(x, w, b).shape) for x in xs]
+    leaves = [t.clone().requires_grad_() for t in (w, b) if t is not None]
+    sum((apply(x, *leaves, *([None] * (b is None))) * g).sum() for x, g in zip(xs, out_grads)).backward()
+    expected = [t.grad for t in leaves]
+    leaves = [t.clone().requires_grad_() for t in (w, b) if t is not None]
+    taps = collections.defaultdict(list)
+    ticks = plastic.shared_per_tick(dict(zip(('weight', 'bias'), leaves)), 'op', eq,
+                                    (T, *apply(xs[0], w, b).shape), taps, prepare)
+    total = 0
+    for x, g, q in zip(xs, out_grads, ticks):
+        assert not q['weight'].requires_grad
+        taps['op'].append(x + 1 if prepare else x)
+        total = total + (apply(x, q['weight'], q['bias']) * g).sum()
+    total.backward()
+    for got, want in zip([t.grad for t in leaves], expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_speed_synapses_per_tick_apply_the_unet_and_tap_every_shared_op():
+    """A tick's tree from synapses_per_tick, through synapse_unet_stacked with the taps and layer_norm_tapped, gives the
+    paper U-Net's output, and taps the input of every TickShared op (the names synapses_per_tick gave them)."""
+    gen = torch.Generator().manual_seed(0)
+    p = plastic.init_synapse_unet(gen, 6, 8, 3, 'bottleneck', 2)
+    for q in p['skip_ln'] + [p['first']['ln']]:
+        q['weight'] = torch.rand(q['weight'].shape, generator=gen) + 0.5
+        q['bias'] = torch.randn(q['bias'].shape, generator=gen)
+    x = torch.randn(3, 6, generator=gen)
+    taps = collections.defaultdict(list)
+    tick = plastic.synapses_per_tick(p, 2, 3, taps)[1]
+    tapped = {}
+    out = plastic.synapse_unet_stacked(tick, plastic.stack_hypernets(p), x,
+                                       tap=lambda name, h: tapped.__setitem__(f'{name}.lin', h),
+                                       norm=functools.partial(plastic.layer_norm_tapped, tapped.__setitem__))
+    torch.testing.assert_close(out, plastic.synapse_unet(p, x))
+    assert set(tapped) == set(taps) and len(taps) == 3 * 2 + 2 * 2 + 2  # Linears + their norms, first, skips
+    assert torch.equal(tapped['first.lin'], x)
+
+
 def test_speed_folded_query_is_q_proj_then_the_scaled_in_projection():
     cfg = small_ctm_config()
     params, _ = plastic.init_ctm(cfg, torch.Generator().manual_seed(0))
@@ -2857,13 +2912,16 @@ def test_speed_optimizer_mode_and_set_lr_switch_between_plain_and_capturable():
         train.main(['ctm', '--cuda_graph', '--eager'])
 
 
-@pytest.mark.parametrize('device, flags, fast, workers', [
-    ('cpu', [], False, 0), ('cuda', [], True, min(4, os.cpu_count() - 1)), ('cuda', ['--eager'], False, None),
-    ('cuda', ['--num_workers_train', '2'], True, 2), ('cpu', ['--num_workers_train', '3'], False, 3)])
-def test_speed_cuda_defaults_to_the_captured_path_with_maze_workers(device, flags, fast, workers):
+@pytest.mark.parametrize('device, flags, fast, workers, tick', [
+    ('cpu', [], False, 0, 'paper'), ('cuda', [], True, min(4, os.cpu_count() - 1), 'fused'),
+    ('cuda', ['--eager'], False, None, 'paper'), ('cuda', ['--num_workers_train', '2'], True, 2, 'fused'),
+    ('cpu', ['--num_workers_train', '3'], False, 3, 'paper'), ('cuda', ['--tick', 'paper'], True, None, 'paper'),
+    ('cpu', ['--tick', 'fused'], False, None, 'fused')])
+def test_speed_cuda_defaults_to_the_captured_path_with_fused_ticks_and_maze_workers(device, flags, fast, workers,
+                                                                                    tick):
     args = train.resolve_ctm_args(train.build_parser().parse_args(['ctm', *flags]))
     args = train.resolve_ctm_device(args, torch.device(device))
-    assert args.cuda_graph == fast
+    assert args.cuda_graph == fast and args.tick == tick
     assert workers is None or args.num_workers_train == workers
 
 
@@ -2878,7 +2936,8 @@ def test_speed_batches_made_ahead_by_workers_equal_the_direct_ones():
 @needs_cuda[0]
 @needs_cuda[1]
 @pytest.mark.parametrize('hyper, tick', [({}, 'paper'), (dict(hyper_layers='bottleneck', use_hyper_nlm=True), 'paper'),
-                                         ({}, 'compiled'), (dict(hyper_layers='bottleneck'), 'compiled')])
+                                         (dict(hyper_layers='bottleneck'), 'fused'), ({}, 'compiled'),
+                                         (dict(hyper_layers='bottleneck'), 'compiled')])
 def test_speed_cuda_graph_step_equals_eager(hyper, tick):
     """3 eager warm-up steps, the capture, 3 replays: the same losses, accuracies, params and batch-norm statistics
     as the eager path, with a learning rate that changes every step (the graph must read it, not bake it in).
@@ -2887,8 +2946,9 @@ def test_speed_cuda_graph_step_equals_eager(hyper, tick):
     turns such a difference in a near-zero gradient into up to a whole lr-sized step: 0.008 seen at lr 1e-2 in
     float32, 5e-5 in float64, both with eps 1e-8. So: float64, eps 1e-3 (which bounds d update/d g by lr/eps), and
     the distance between the runs measured against how far training moved them. A graph that baked in the first
-    learning rate, skipped a step or lost the batch-norm update would be ~0.3 apart on that scale. tick 'compiled':
-    the captured graph replays the torch.compile'd fused tick (compiled in the warm-up steps), eager the paper one."""
+    learning rate, skipped a step or lost the batch-norm update would be ~0.3 apart on that scale. tick 'fused' or
+    'compiled': the captured graph replays the fused tick (compiled: torch.compile'd in the warm-up steps), eager the
+    paper one."""
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision('highest')
     device = torch.device('cuda')

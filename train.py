@@ -776,9 +776,10 @@ def add_ctm_args(p):
                    'after 3 eager steps and replay it (same results, several times faster; the default on CUDA)')
     g.add_argument('--eager', action='store_true', help='on CUDA, run the training step op by op instead of '
                    'replaying it from a CUDA graph (the synapse hypernetworks in their paper form)')
-    g.add_argument('--tick', choices=('paper', 'fused', 'compiled'), default='paper', help='the training step\'s '
-                   'ticks: plastic.ctm_think (paper), ctm_think_fast (fused: fewer, wider ops, same results), or its '
-                   'tick torch.compile\'d (compiled: the first step compiles for about a minute; fastest on a GPU)')
+    g.add_argument('--tick', choices=('paper', 'fused', 'compiled'), help='the training step\'s ticks: '
+                   'plastic.ctm_think (paper; the default on a CPU and with --eager), ctm_think_fast (fused: fewer, '
+                   'wider ops, same results; the default on the captured CUDA path), or its tick torch.compile\'d '
+                   '(compiled: the first step compiles, about 20 s on an H200; fastest on a GPU)')
     g.add_argument('--num_workers_train', type=nonneg_int, help='processes generating maze batches ahead (default 4 '
                    'on CUDA, 0 on a CPU)')
     g.add_argument('--track_every', type=nonneg_int, default=250,
@@ -821,13 +822,16 @@ def resolve_ctm_args(args):
 
 
 def resolve_ctm_device(args, device):
-    """The defaults that depend on the device: on CUDA the captured fast path unless --eager, and maze batches made
-    ahead by --num_workers_train processes (default 4 on CUDA, else 0: on a CPU they would compete with the step)."""
+    """The defaults that depend on the device: on CUDA the captured fast path with fused ticks unless --eager, and
+    maze batches made ahead by --num_workers_train processes (default 4 on CUDA, else 0: on a CPU they would compete
+    with the step)."""
     if args.cuda_graph and args.eager:
         raise ValueError('--cuda_graph and --eager: expected one of them (on CUDA the captured path is the default)')
     if args.cuda_graph and device.type != 'cuda':
         raise ValueError('--cuda_graph: needs a CUDA device (use --device cuda or auto on a GPU)')
     args.cuda_graph = device.type == 'cuda' and not args.eager
+    if args.tick is None:
+        args.tick = 'fused' if args.cuda_graph else 'paper'
     if args.num_workers_train is None:
         args.num_workers_train = min(4, (os.cpu_count() or 1) - 1) if device.type == 'cuda' else 0
     return args
@@ -1159,7 +1163,8 @@ def ctm_answer(predictions, chosen, cfg):
 # ticks x ~15 U-Net Linears, norms, NLM einsums, synchronisation, forward and backward), so the GPU waits on Python
 # and launches. ctm_train_step is the whole step as one host-sync-free function, so that the plumbing's
 # cuda_graph_step can capture it once and replay it, one launch per step: the fast path, the default on CUDA
-# (with the synapse hypernetworks stacked, plastic.stack_hypernets). --eager runs the same function step by step.
+# (with the fused ticks, plastic.ctm_think_fast; --tick paper captures the paper ticks with the synapse hypernetworks
+# stacked, plastic.stack_hypernets). --eager runs the same function step by step.
 
 
 def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gradient_clipping=-1, world=1,
