@@ -773,7 +773,8 @@ def stack_hypernets(p):
     """HyperSynapseUNET's hypernetworks as one (None without hyper layers): their φ Linears stacked row-wise into
     one Linear 'lin', their LayerNorms one GroupNorm 'norm' (a group per hypernetwork), each one's three heads
     packed into one Linear [U | V | gate] and, when all have one shape (the two bottleneck Linears do), stacked
-    into one (n, rows, hidden) 'heads' for one batched matmul (else 'heads' is the list of packed Linears)."""
+    into one 'heads' of weight (n, rows, hidden) and bias (n, 1, rows) for one batched matmul (else 'heads' is the
+    list of packed Linears)."""
     hypers = [lin['hyper'] for lin in synapse_hyper_layers(p).values()]
     if not hypers:
         return None
@@ -783,11 +784,13 @@ def stack_hypernets(p):
     heads = [cat([h[head] for head in HYPER_HEADS]) for h in hypers]
     same = len({q['weight'].shape for q in heads}) == 1
     return {'lin': cat([h['compressor']['lin'] for h in hypers]), 'norm': cat([h['compressor']['ln'] for h in hypers]),
-            'heads': {k: torch.stack([q[k] for q in heads]) for k in ('weight', 'bias')} if same else heads}
+            'heads': {'weight': torch.stack([q['weight'] for q in heads]),
+                      'bias': torch.stack([q['bias'] for q in heads])[:, None]} if same else heads}
 
 
-def synapse_plastic_weights(p, stacked, x):
-    """pre_synapse_input x (B, ctx_dims) -> {name: (U, V, gate)} of every hyper Linear, from stack_hypernets(p)."""
+def synapse_plastic_weights(p, stacked, x, tap=None):
+    """pre_synapse_input x (B, ctx_dims) -> {name: (U, V, gate)} of every hyper Linear, from stack_hypernets(p);
+    tap('hyper.heads', cs), if given, sees the stacked heads' input (ctm_think_fast)."""
     hypers = synapse_hyper_layers(p)
     n = len(hypers)
     c = F.silu(F.group_norm(linear(stacked['lin'], x), n, stacked['norm']['weight'], stacked['norm']['bias']))
@@ -795,7 +798,9 @@ def synapse_plastic_weights(p, stacked, x):
     if isinstance(stacked['heads'], list):
         outs = [linear(q, ci) for q, ci in zip(stacked['heads'], cs)]
     else:
-        outs = torch.baddbmm(stacked['heads']['bias'][:, None], cs, stacked['heads']['weight'].transpose(1, 2))
+        if tap is not None:
+            tap('hyper.heads', cs)
+        outs = torch.baddbmm(stacked['heads']['bias'], cs, stacked['heads']['weight'].transpose(1, 2))
     weights = {}
     for (name, lin), out in zip(hypers.items(), outs):
         u, v, gate = out.split([len(lin['hyper'][head]['bias']) for head in HYPER_HEADS], dim=1)
@@ -807,7 +812,7 @@ def synapse_plastic_weights(p, stacked, x):
 def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=None):
     """synapse_unet(p, x, rate, train) with the hypernetworks run from stacked = stack_hypernets(p); tap(name, h),
     if given, sees each Linear's input, and norm replaces synapse_unet's LayerNorms (ctm_think_fast uses both)."""
-    weights = synapse_plastic_weights(p, stacked, x) if stacked is not None else {}
+    weights = synapse_plastic_weights(p, stacked, x, tap) if stacked is not None else {}
 
     def layer(name, q, h):
         if tap is not None:
@@ -934,6 +939,21 @@ def synapses_per_tick(p, T, B, taps, name=''):
             for t in range(T)]
 
 
+def hypernets_per_tick(stacked, T, B, taps):
+    """stack_hypernets' tree -> T trees (None without hypernetworks): its φ Linear reads the pre_synapse_input, as the
+    U-Net's first Linear does, so it is TickShared on that Linear's taps ('first.lin'); stacked heads are TickShared
+    ('tnbh,nrh->tnbr'), the GroupNorm (and a list of heads) one view per tick."""
+    if stacked is None:
+        return [None] * T
+    heads = stacked['heads']
+    n = len(heads) if isinstance(heads, list) else heads['weight'].shape[0]
+    ticks = zip(shared_per_tick(stacked['lin'], 'first.lin', 'tbi,oi->tbo', (T, B, stacked['lin']['weight'].shape[0]),
+                                taps), views_per_tick(stacked['norm'], T),
+                views_per_tick(heads, T) if isinstance(heads, list) else
+                shared_per_tick(heads, 'hyper.heads.lin', 'tnbh,nrh->tnbr', (T, n, B, heads['weight'].shape[1]), taps))
+    return [dict(zip(('lin', 'norm', 'heads'), tick)) for tick in ticks]
+
+
 def layer_norm_tapped(tap, name, q, h):
     """A LayerNorm whose affine part is TickShared: tap its input; the bias is this tick's (B, D) slice."""
     tap(name, h)
@@ -1001,7 +1021,7 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
                 shared_per_tick({'weight': keys}, 'keys', 'tnqe,nse->tnqs', (T, len(keys), 1, keys.shape[1]), taps),
                 shared_per_tick({'weight': values}, 'values', 'tnqs,nse->tnqe', (T, *values.shape[:1], 1,
                                                                                  values.shape[2]), taps),
-                views_per_tick(stack_hypernets(params['synapses']), T), views_per_tick(r, T))
+                hypernets_per_tick(stack_hypernets(params['synapses']), T, B, taps), views_per_tick(r, T))
     tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
                                                                         dynamic=False)
     syncs_out = []

@@ -2833,9 +2833,10 @@ def test_speed_tick_shared_gradients_equal_the_sum_over_ticks(kind, T, seed):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_speed_synapses_per_tick_apply_the_unet_and_tap_every_shared_op():
-    """A tick's tree from synapses_per_tick, through synapse_unet_stacked with the taps and layer_norm_tapped, gives the
-    paper U-Net's output, and taps the input of every TickShared op (the names synapses_per_tick gave them)."""
+def test_speed_synapses_and_hypernets_per_tick_apply_the_unet_and_tap_every_shared_op():
+    """A tick's trees from synapses_per_tick and hypernets_per_tick, through synapse_unet_stacked with the taps and
+    layer_norm_tapped, give the paper HyperSynapseUNET's output, and tap the input of every TickShared op (the names
+    the *_per_tick functions gave them)."""
     gen = torch.Generator().manual_seed(0)
     p = plastic.init_synapse_unet(gen, 6, 8, 3, 'bottleneck', 2)
     for q in p['skip_ln'] + [p['first']['ln']]:
@@ -2844,12 +2845,14 @@ def test_speed_synapses_per_tick_apply_the_unet_and_tap_every_shared_op():
     x = torch.randn(3, 6, generator=gen)
     taps = collections.defaultdict(list)
     tick = plastic.synapses_per_tick(p, 2, 3, taps)[1]
+    hypernets = plastic.hypernets_per_tick(plastic.stack_hypernets(p), 2, 3, taps)[1]
+    assert not hypernets['lin']['weight'].requires_grad and not hypernets['heads']['weight'].requires_grad
     tapped = {}
-    out = plastic.synapse_unet_stacked(tick, plastic.stack_hypernets(p), x,
+    out = plastic.synapse_unet_stacked(tick, hypernets, x,
                                        tap=lambda name, h: tapped.__setitem__(f'{name}.lin', h),
                                        norm=functools.partial(plastic.layer_norm_tapped, tapped.__setitem__))
     torch.testing.assert_close(out, plastic.synapse_unet(p, x))
-    assert set(tapped) == set(taps) and len(taps) == 3 * 2 + 2 * 2 + 2  # Linears + their norms, first, skips
+    assert set(tapped) == set(taps) and len(taps) == 3 * 2 + 2 * 2 + 2 + 1  # Linears, norms, skips, hyper heads
     assert torch.equal(tapped['first.lin'], x)
 
 
