@@ -255,7 +255,6 @@ def bi_wkv_scan(w, u, k, v):
 # launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again from their
 # incoming states), or one where the row is a single chunk.
 _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
-_WKV_STREAMS = {}  # torch stream handle -> cupy's view of that stream
 # tokens per thread per pass (the backward holds seven values a token where the forward holds five: with 8 tokens its
 # apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block (the split kernels' pieces a row),
 # channels per block
@@ -279,31 +278,34 @@ def _wkv_kernels(dtype, device_index, pass_):
         options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=source, options=options, name_expressions=list(kernels.values()))
-            # .kernel: the compiled function itself, called without RawKernel's per-call device lookup
+            # .kernel: the compiled function; _launch hands its .ptr to the driver
             _WKV_MODULES[key] = {k: module.get_function(v).kernel for k, v in kernels.items()}
     return _WKV_MODULES[key]
 
 
-def _raw(*args):
-    """Kernel arguments for cupy: tensors as raw device pointers (None as a null one), ints as int32."""
-    return tuple(np.int32(a) if isinstance(a, int) else np.uint64(0 if a is None else a.data_ptr()) for a in args)
+_WKV_SLOTS = np.arange(32, dtype=np.uint64) * 8  # byte offsets of the kernel arguments' 8-byte slots
 
 
 def _launch(device, *launches):
-    """Runs (kernel, grid, block, raw args) launches in order on torch's current stream of device, without
-    synchronising. cupy's view of a stream is made once per stream (making it costs more than a launch), and cupy's
-    device is entered only where it is not current already."""
+    """Runs (kernel, grid, block, args) launches in order on torch's current stream of device, without
+    synchronising. args: tensors (passed as their device pointers, None as a null one) and ints (the kernels' int
+    parameters). They go to cuLaunchKernel as one buffer of 8-byte slots with a pointer to each slot (an int parameter
+    reads the low 4 bytes of its slot): cupy's own launcher converts its arguments one by one, which took more host
+    time than the kernel on a short row. Setting the device also makes its context current in this thread (autograd
+    runs the backward in a thread of its own)."""
     import cupy
-    current = torch.cuda.current_stream(device)
-    stream = _WKV_STREAMS.get(current.cuda_stream)
-    if stream is None:
-        stream = _WKV_STREAMS[current.cuda_stream] = (
-            cupy.cuda.Stream.from_external(current) if hasattr(cupy.cuda.Stream, 'from_external')
-            else cupy.cuda.ExternalStream(current.cuda_stream))
-    with (contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device.index
-          else cupy.cuda.Device(device.index)):
-        for kernel, grid, threads, args in launches:
-            kernel(grid, threads, args, stream=stream)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    previous = cupy.cuda.runtime.getDevice()
+    cupy.cuda.runtime.setDevice(device.index)
+    try:
+        for kernel, grid, block, args in launches:
+            slots = np.array([a if isinstance(a, int) else 0 if a is None else a.data_ptr() for a in args], np.uint64)
+            params = _WKV_SLOTS[:len(args)] + np.uint64(slots.ctypes.data)
+            cupy.cuda.driver.launchKernel(kernel.ptr, *(*grid, 1, 1)[:3], *(*block, 1, 1)[:3], 0, stream,
+                                          params.ctypes.data, 0)
+    finally:
+        if previous != device.index:
+            cupy.cuda.runtime.setDevice(previous)
 
 
 def _wkv_grid(B, T, C, pass_):
@@ -317,7 +319,7 @@ def _wkv_pass(pass_, kind, k, w, states, args):
     """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. kind 'naive': one launch, a thread per (b, c); 'split': one
     launch, a block of (channels, pieces) per row tile; 'chunked': their chunks' summaries, the carry pass over them,
     then the chunks again from their incoming states (states None: the row is one chunk, whose incoming states are
-    empty, and only that last launch runs). args: the kernels' raw arguments."""
+    empty, and only that last launch runs). args: the kernels' arguments."""
     B, T, C = k.shape
     kern = _wkv_kernels(k.dtype, k.device.index, pass_)
     if kind == 'naive':
@@ -332,7 +334,7 @@ def _wkv_pass(pass_, kind, k, w, states, args):
         _launch(k.device, apply)
     else:
         _launch(k.device, (kern['sum'], grid, threads, args),
-                (kern['carry'], carry_grid, (256,), _raw(B, T, C, w, states)), apply)
+                (kern['carry'], carry_grid, (256,), (B, T, C, w, states)), apply)
 
 
 class _BiWKVCuda(torch.autograd.Function):
@@ -350,7 +352,7 @@ class _BiWKVCuda(torch.autograd.Function):
         nchunk = _wkv_grid(B, T, C, 'fwd')[0] if chunked else 1
         states = k.new_empty(B, nchunk, 2, 4, C) if nchunk > 1 else None  # per chunk, direction: r, n, a, b
         head = (B, T, C, w, u, k, v) + ((states,) if chunked else ())
-        _wkv_pass('fwd', kind, k, w, states, _raw(*head, y, log_z))
+        _wkv_pass('fwd', kind, k, w, states, (*head, y, log_z))
         ctx.kind = kind
         ctx.save_for_backward(w, u, k, v, y, log_z)
         return y
@@ -364,11 +366,13 @@ class _BiWKVCuda(torch.autograd.Function):
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         chunked = ctx.kind == 'chunked'
         nchunk = _wkv_grid(B, T, C, 'bwd')[0] if chunked else 1
-        gwu = k.new_empty(2, B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
+        parts = (C,) if B * nchunk == 1 else (B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
+        gw, gu = k.new_empty(parts), k.new_empty(parts)
         states = k.new_empty(B, nchunk, 2, 6, C) if nchunk > 1 else None  # r, n, a, b, a2, b2
         head = (B, T, C, w, u, k, v, y, log_z, gy) + ((states,) if chunked else ())
-        _wkv_pass('bwd', ctx.kind, k, w, states, _raw(*head, gk, gv, gwu[0], gwu[1]))
-        gw, gu = gwu[:, 0] if B * nchunk == 1 else gwu.sum(1)
+        _wkv_pass('bwd', ctx.kind, k, w, states, (*head, gk, gv, gw, gu))
+        if B * nchunk > 1:
+            gw, gu = gw.sum(0), gu.sum(0)
         return gw, gu, gk, gv, None
 
 

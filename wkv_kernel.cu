@@ -25,9 +25,8 @@
 // (Vision-RWKV's kernel subtracts running sums, which is why it loses all precision once w is large). Keys are taken
 // relative to k[b, 0, c] (y does not change when a channel's keys shift together), which keeps every exponent small
 // when k carries a large offset. All exponents are in base 2: keys, w and u are scaled by log2 e on load, and log Z
-// is written as log2 Z relative to k[b, 0, c] log2 e. With w < 0 far tokens dominate and exponents (log Z among
-// them) reach ~|w| log2 e, which float32 keeps to ~|w| 1e-7: on an H200 both kernels stay within 1e-5 of float64
-// up to |w| = 500 and reach 1.0e-5 .. 2.6e-5 at |w| = 1000 .. 2000 (the float32 torch scan: 1.3e-5 at 500).
+// is written as log2 Z relative to k[b, 0, c] log2 e and, where w < 0 lets far tokens dominate, relative to the
+// decay of the farthest term (section 0's nstar), so that it stays near 0 and keeps float32's precision at any |w|.
 //
 // Layout: k, v, y, log Z, gy, gk, gv are (B, T, C) contiguous; w, u are (C,).
 
@@ -78,7 +77,8 @@ template <typename F> __device__ __forceinline__ St<F> empty() {
     return {F(sizeof(F) == 4 ? -1e37 : -1e300), F(0), F(0), F(0), F(0), F(0)};
 }
 
-template <typename F> __device__ __forceinline__ F expo(St<F> s, F w) { return s.r - s.n * w; }
+// the state's exponent, relative to `ref` tokens of decay (its largest term's key and distance, less ref)
+template <typename F> __device__ __forceinline__ F expo(St<F> s, F w, F ref = F(0)) { return s.r - (s.n - ref) * w; }
 
 // x decayed by dx more tokens, plus y; one of the two scale factors is exactly 1. Decaying x moves each of its
 // terms dx tokens further away, hence the dx * x.a in the distance-weighted sums.
@@ -96,9 +96,21 @@ template <typename F, bool D> __device__ __forceinline__ St<F> merge(St<F> x, F 
     return m;
 }
 
-// the state one token further on, after token (key, va, vb)
-template <typename F, bool D> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb) {
-    s = merge<F, D>(s, F(1), St<F>{key, F(0), va, vb, F(0), F(0)}, w);
+// the state one token further on, after token (key, va, vb) whose key comes with n0 tokens of decay counted already
+template <typename F, bool D> __device__ __forceinline__ void push(St<F> &s, F w, F key, F va, F vb, F n0 = F(0)) {
+    s = merge<F, D>(s, F(1), St<F>{key, n0, va, vb, F(0), F(0)}, w);
+}
+
+// With w < 0 far tokens weigh more, and log2 Z_t reaches about (max(t, T-1-t) - 1) |w|: written as it is, float32
+// would keep it to ~|w| 1e-7 and the gradients, which take it as token t's key kappa_t = -log2 Z_t, would lose their
+// precision with it. So where the decay lets far tokens outweigh near ones by more than 2^32 (w (T - 1) < -32), the
+// kernels write log2 Z_t + nstar_t w, a number near 0 (nstar_t = max(t, T-1-t) - 1, the decay of the farthest term),
+// exponents near token t are taken relative to nstar_t tokens of decay (expo's ref), and the backward pushes token t's
+// key with -nstar_t tokens of decay counted (push's n0): every exponent stays a difference of keys and an integer
+// times w, as in the states. Elsewhere nstar_t = 0 and log2 Z_t is written as it is.
+template <typename F> __device__ __forceinline__ bool far_ref(F w, int T) { return w * F(T - 1) < F(-32); }
+template <typename F> __device__ __forceinline__ F nstar(bool far, int t, int T) {
+    return far ? F(max(0, max(t, T - 1 - t) - 1)) : F(0);
 }
 
 // ================================================================================================================
@@ -123,34 +135,37 @@ __device__ __forceinline__ void walk(int t0, int t1, Load load, Step step) {
     }
 }
 
-// a side's sums as (log2 of its denominator, the mean of its values); an empty side weighs nothing
-template <typename F> __device__ __forceinline__ void log_mean(St<F> s, F w, F &l, F &mean) {
+// a side's sums as (log2 of its denominator relative to ref tokens of decay, the mean of its values); an empty side
+// weighs nothing
+template <typename F> __device__ __forceinline__ void log_mean(St<F> s, F w, F ref, F &l, F &mean) {
     const bool any = s.b > F(0);
-    l = any ? expo(s, w) + lg(s.b) : empty<F>().r;
+    l = any ? expo(s, w, ref) + lg(s.b) : empty<F>().r;
     mean = any ? dv(s.a, s.b) : F(0);
 }
 
-// The forward over tokens t0..t1-1 of one row (k, v, y, logz point at the row's token 0; tokens are C apart),
+// The forward over tokens t0..t1-1 of a row of T (k, v, y, logz point at the row's token 0; tokens are C apart),
 // entering with the sums of the tokens left of t0 (fw) and right of t1 - 1 (rv). Right to left, the sums entering
 // each token from the right are parked in y and log Z as (mean, log2 den); left to right, y_t is the mean of the
 // left side's mean, the right side's and v_t, weighted by their denominators and the bonus e^{u + k_t};
-// log2 Z_t = log2 of the sum of those three weights.
+// log2 Z_t = log2 of the sum of those three weights (written relative to nstar_t, as every exponent at token t).
 template <typename F>
-__device__ __forceinline__ void forward_walks(int t0, int t1, int C, F w, F u, F k0, const F *k, const F *v, F *y,
-                                              F *logz, St<F> fw, St<F> rv) {
+__device__ __forceinline__ void forward_walks(int t0, int t1, int T, int C, F w, F u, F k0, const F *k, const F *v,
+                                              F *y, F *logz, St<F> fw, St<F> rv) {
+    const bool far = far_ref(w, T);
     struct Token { F key, v, mean, logden; };  // key and value; the right side's sums, parked
     walk<true>(t0, t1, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
                [&](int t, Token x) {
-                   log_mean(rv, w, logz[(long long)t * C], y[(long long)t * C]);
+                   log_mean(rv, w, nstar<F>(far, t, T), logz[(long long)t * C], y[(long long)t * C]);
                    push<F, false>(rv, w, x.key, x.v, F(1));
                });
     walk<false>(t0, t1, [&](int t) {
         const long long o = (long long)t * C;
         return Token{(k[o] - k0) * F(L2E), v[o], y[o], logz[o]};
     }, [&](int t, Token x) {
+        const F ns = nstar<F>(far, t, T);
         F left, left_mean;
-        log_mean(fw, w, left, left_mean);
-        const F uk = u + x.key, top = fmax(fmax(left, x.logden), uk);
+        log_mean(fw, w, ns, left, left_mean);
+        const F uk = fma(ns, w, u + x.key), top = fmax(fmax(left, x.logden), uk);
         const F eL = ex(left - top), eR = ex(x.logden - top), eU = ex(uk - top), den = eL + eR + eU;
         y[(long long)t * C] = dv(fma(eL, left_mean, fma(eR, x.mean, eU * x.v)), den);
         logz[(long long)t * C] = top + lg(den);
@@ -166,19 +181,21 @@ __global__ void wkv_forward_naive(int B, int T, int C, const F *__restrict__ w_,
     if (i >= (long long)B * C) return;
     const int c = i % C;
     const long long o = (i - c) * T + c;  // token 0 of row i = b C + c: b T C + c
-    forward_walks(0, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
+    forward_walks(0, T, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
                   empty<F>(), empty<F>());
 }
 
-// The gradient walk (hpcm.py's formulas) over tokens t0..t1-1 of one row, entering with the gradient sums of the
+// The gradient walk (hpcm.py's formulas) over tokens t0..t1-1 of a row of T, entering with the gradient sums of the
 // tokens left of t0 (fw) and right of t1 - 1 (rv): right to left, each token's share of gk, gv from the sums entering
 // it from the right is parked in gk, gv; left to right, the left side's share and the bonus term's are added. e is
 // e^{k_t} times the state's scale; the row's sums for gw, gu (before the division by T) are added to gw, gu.
 template <typename F>
-__device__ __forceinline__ void backward_walks(int t0, int t1, int C, F w, F u, F k0, const F *k, const F *v,
+__device__ __forceinline__ void backward_walks(int t0, int t1, int T, int C, F w, F u, F k0, const F *k, const F *v,
                                                const F *y, const F *logz, const F *gy, F *gk, F *gv, St<F> fw,
                                                St<F> rv, F &gw, F &gu) {
-    struct Token { F key, v, y, kappa, gy, gk, gv; };  // kappa = -log2 Z; gk, gv: the right side's share, parked
+    const bool far = far_ref(w, T);
+    // kappa = -(log2 Z + nstar w): token t's key with -nstar_t tokens of decay; gk, gv: the right side's share, parked
+    struct Token { F key, v, y, kappa, gy, gk, gv; };
     auto load = [&](int t, bool parked) {
         const long long o = (long long)t * C;
         return Token{(k[o] - k0) * F(L2E), v[o], y[o], -logz[o], gy[o], parked ? gk[o] : F(0), parked ? gv[o] : F(0)};
@@ -188,16 +205,16 @@ __device__ __forceinline__ void backward_walks(int t0, int t1, int C, F w, F u, 
         gk[(long long)t * C] = e * fma(x.v, rv.a, -rv.b);
         gv[(long long)t * C] = e * rv.a;
         gw = fma(e, fma(x.v, rv.a2, -rv.b2), gw);
-        push<F, true>(rv, w, x.kappa, x.gy, x.gy * x.y);
+        push<F, true>(rv, w, x.kappa, x.gy, x.gy * x.y, -nstar<F>(far, t, T));
     });
     walk<false>(t0, t1, [&](int t) { return load(t, true); }, [&](int t, Token x) {
-        const F e = ex(x.key + expo(fw, w));
-        const F eb = ex(u + x.key + x.kappa) * x.gy, vy = eb * (x.v - x.y);  // the bonus term: e^{u+k_t} q_t
+        const F ns = nstar<F>(far, t, T), e = ex(x.key + expo(fw, w));
+        const F eb = ex(fma(ns, w, u + x.key + x.kappa)) * x.gy, vy = eb * (x.v - x.y);  // the bonus: e^{u+k_t} q_t
         gk[(long long)t * C] = x.gk + fma(e, fma(x.v, fw.a, -fw.b), vy);
         gv[(long long)t * C] = x.gv + fma(e, fw.a, eb);
         gw = fma(e, fma(x.v, fw.a2, -fw.b2), gw);
         gu += vy;
-        push<F, true>(fw, w, x.kappa, x.gy, x.gy * x.y);
+        push<F, true>(fw, w, x.kappa, x.gy, x.gy * x.y, -ns);
     });
 }
 
@@ -212,7 +229,7 @@ __global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_
     const int c = i % C;
     const long long o = (i - c) * T + c;
     F gw = 0, gu = 0;
-    backward_walks(0, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
+    backward_walks(0, T, T, C, per_token(w_, c, T), per_token(u_, c, T), k_[o], k_ + o, v_ + o, y_ + o, logz_ + o,
                    gy_ + o, gk_ + o, gv_ + o, empty<F>(), empty<F>(), gw, gu);
     gw_[i] = dv(-gw, F(T));
     gu_[i] = dv(gu, F(T));
@@ -319,18 +336,18 @@ __device__ __forceinline__ Piece piece(int T, int C) {
     return q;
 }
 
-// A piece's two summaries: the sums of its tokens (load(t): key, values a and b) as seen from the token after it
-// (fw) and from the token before it (rv), in one walk left to right: fw takes each token as push does, rv takes it
-// as a term d = t - t0 tokens further away than the piece's first token (the state pushing right to left would reach).
-template <typename F> struct Term { F key, a, b; };
+// A piece's two summaries: the sums of its tokens (load(t): key, values a and b, decay counted n0) as seen from the
+// token after it (fw) and from the token before it (rv), in one walk left to right: fw takes each token as push does,
+// rv takes it as a term d = t - t0 tokens further away than the piece's first token (as pushing right to left would).
+template <typename F> struct Term { F key, a, b, n0; };
 template <typename F, bool D, typename Load>
 __device__ __forceinline__ void summaries(const Piece &q, F w, Load load, St<F> &fw, St<F> &rv) {
     fw = rv = empty<F>();
     if (!q.live) return;
     walk<false>(q.t0, q.t1, load, [&](int t, Term<F> x) {
-        push<F, D>(fw, w, x.key, x.a, x.b);
+        push<F, D>(fw, w, x.key, x.a, x.b, x.n0);
         const F d = F(t - q.t0);
-        rv = merge<F, D>(rv, F(0), St<F>{x.key, d, x.a, x.b, d * x.a, d * x.b}, w);
+        rv = merge<F, D>(rv, F(0), St<F>{x.key, x.n0 + d, x.a, x.b, d * x.a, d * x.b}, w);
     });
 }
 
@@ -344,10 +361,10 @@ wkv_forward_split(int B, int T, int C, const F *__restrict__ w_, const F *__rest
     const F *k = k_ + q.o, *v = v_ + q.o, k0 = q.live ? k[0] : F(0);
     St<F> fw, rv, tf, tr;
     summaries<F, false>(q, w, [&](int t) {
-        return Term<F>{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C], F(1)};
+        return Term<F>{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C], F(1), F(0)};
     }, fw, rv);
     block_scan<F, false>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
-    if (q.live) forward_walks(q.t0, q.t1, C, w, u, k0, k, v, y_ + q.o, logz_ + q.o, fw, rv);
+    if (q.live) forward_walks(q.t0, q.t1, T, C, w, u, k0, k, v, y_ + q.o, logz_ + q.o, fw, rv);
 }
 
 // gw, gu go to (B, C) partial sums, as from the naive kernel
@@ -361,15 +378,16 @@ wkv_backward_split(int B, int T, int C, const F *__restrict__ w_, const F *__res
     const Piece q = piece(T, C);
     const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
     const F *k = k_ + q.o, *y = y_ + q.o, *logz = logz_ + q.o, *gy = gy_ + q.o, k0 = q.live ? k[0] : F(0);
+    const bool far = far_ref(w, T);
     St<F> fw, rv, tf, tr;
     summaries<F, true>(q, w, [&](int t) {
         const long long o = (long long)t * C;
-        return Term<F>{-logz[o], gy[o], gy[o] * y[o]};
+        return Term<F>{-logz[o], gy[o], gy[o] * y[o], -nstar<F>(far, t, T)};
     }, fw, rv);
     block_scan<F, true>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
     F gw = 0, gu = 0;
     if (q.live)
-        backward_walks(q.t0, q.t1, C, w, u, k0, k, v_ + q.o, y, logz, gy, gk_ + q.o, gv_ + q.o, fw, rv, gw, gu);
+        backward_walks(q.t0, q.t1, T, C, w, u, k0, k, v_ + q.o, y, logz, gy, gk_ + q.o, gv_ + q.o, fw, rv, gw, gu);
     block_sums(sh, gw, gu, q.live, T, gw_, gu_, (long long)q.b * C + q.c);
 }
 
@@ -421,18 +439,19 @@ template <typename F, bool D> __device__ __forceinline__ void store_state(F *S, 
     put_state<F, D>(S + (row * 2 + dir) * (D ? 6 : 4) * C + c, C, s);
 }
 
-// The exact path: push token by token, each state keeping the key of its largest term and that term's distance.
-template <typename F, bool D>
-__device__ __forceinline__ void exact_summaries(const F *key, const F *va, const F *vb, int len, F w, St<F> &fw,
-                                                St<F> &rv) {
+// The exact path: push token by token, each state keeping the key of its largest term and that term's distance
+// (token p's key comes with n0(p) tokens of decay counted).
+template <typename F, bool D, typename N0>
+__device__ __forceinline__ void exact_summaries(const F *key, const F *va, const F *vb, N0 n0, int len, F w,
+                                                St<F> &fw, St<F> &rv) {
     fw = empty<F>();
     rv = empty<F>();
 #pragma unroll
     for (int p = 0; p < LT; ++p)
-        if (p < len) push<F, D>(fw, w, key[p], va[p], vb[p]);
+        if (p < len) push<F, D>(fw, w, key[p], va[p], vb[p], n0(p));
 #pragma unroll
     for (int p = LT - 1; p >= 0; --p)
-        if (p < len) push<F, D>(rv, w, key[p], va[p], vb[p]);
+        if (p < len) push<F, D>(rv, w, key[p], va[p], vb[p], n0(p));
 }
 
 // Section 4's lean frames, used by the kernels below where they are safe (declared here, defined after them).
@@ -446,17 +465,18 @@ template <typename F, typename Bonus, typename Grad, typename Store, typename Ad
 __device__ __forceinline__ bool lean_backward(bool lean, St<F> fw, St<F> rv, F kmax, F w, const F *ef, const F *er,
                                               const F *kk, Bonus bonus, Grad grad, Store store, Add add);
 
-// Summarise this thread's tokens (keys `key`, values va, vb) both ways, lean or exact, and scan the summaries across
-// the block. With `carries` (the chunk's incoming states) fw, rv come back as the states entering this sub-chunk
-// from the left and from the right; with `totals` the chunk's two summaries are stored.
-template <typename F, bool D>
-__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, const Tile &q, F w, int T, int C,
-                                           const F *carries, F *totals, F *sh, bool lean, F &kmax, F *ef, F *er,
-                                           St<F> &fw, St<F> &rv) {
+// Summarise this thread's tokens (keys `key` with decay n0(p) counted, values va, vb) both ways, lean (where every
+// n0 is 0) or exact, and scan the summaries across the block. With `carries` (the chunk's incoming states) fw, rv
+// come back as the states entering this sub-chunk from the left and from the right; with `totals` the chunk's two
+// summaries are stored.
+template <typename F, bool D, typename N0>
+__device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *vb, N0 n0, const Tile &q, F w, int T,
+                                           int C, const F *carries, F *totals, F *sh, bool lean, F &kmax, F *ef,
+                                           F *er, St<F> &fw, St<F> &rv) {
     if (lean)
         lean_summaries<F, D>(key, va, vb, w, kmax, ef, er, fw, rv);
     else
-        exact_summaries<F, D>(key, va, vb, q.len, w, fw, rv);
+        exact_summaries<F, D>(key, va, vb, n0, q.len, w, fw, rv);
     St<F> cf = empty<F>(), cr = empty<F>(), tf, tr;
     if (carries && q.live) {
         cf = load_state<F, D>(carries, q.row, 0, C, q.c);
@@ -495,15 +515,16 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
     load_tokens(v_, q, C, vv);
 #pragma unroll
     for (int p = 0; p < LT; ++p) one[p] = F(1);
-    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W);
+    // the lean frames take exponents as they are: not where they are taken relative to nstar (section 0)
+    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W) && !far_ref(w, T);
     St<F> fw, rv;
-    chunk_scan<F, false>(kk, vv, one, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S, sh, lean, kmax, ef, er,
-                         fw, rv);
+    chunk_scan<F, false>(kk, vv, one, [](int) { return F(0); }, q, w, T, C, APPLY ? S : nullptr, APPLY ? nullptr : S,
+                         sh, lean, kmax, ef, er, fw, rv);
     if (!APPLY) return;
     // y_p from the sums entering token p from the left (exponent ma, sums na, da), from the right (mc, nc, dc) and
-    // the bonus term, all scaled by 2^-top; log2 Z = top + log2 den
-    auto out = [&](int p, F ma, F na, F da, F mc, F nc, F dc) {
-        const F uk = u + kk[p], top = fmax(fmax(ma, mc), uk);
+    // the bonus term, all scaled by 2^-top, exponents relative to ref = nstar_p; log2 Z = top + log2 den
+    auto out = [&](int p, F ref, F ma, F na, F da, F mc, F nc, F dc) {
+        const F uk = fma(ref, w, u + kk[p]), top = fmax(fmax(ma, mc), uk);
         const F eA = ex(ma - top), eC = ex(mc - top), eU = ex(uk - top);
         const F den = fma(da, eA, fma(dc, eC, eU));
         if (q.live) {
@@ -512,19 +533,20 @@ wkv_forward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__
         }
     };
     if (lean_forward(lean, fw, rv, kmax, w, ef, er, vv, out)) return;
+    auto ns = [&](int p) { return nstar<F>(far_ref(w, T), q.t0 + p, T); };
     F cm[LT], ca[LT], cb[LT];
     St<F> st = rv;
 #pragma unroll
     for (int p = LT - 1; p >= 0; --p)
         if (p < q.len) {
-            cm[p] = expo(st, w); ca[p] = st.a; cb[p] = st.b;
+            cm[p] = expo(st, w, ns(p)); ca[p] = st.a; cb[p] = st.b;
             push<F, false>(st, w, kk[p], vv[p], F(1));
         }
     st = fw;
 #pragma unroll
     for (int p = 0; p < LT; ++p)
         if (p < q.len) {
-            out(p, expo(st, w), st.a, st.b, cm[p], ca[p], cb[p]);
+            out(p, ns(p), expo(st, w, ns(p)), st.a, st.b, cm[p], ca[p], cb[p]);
             push<F, false>(st, w, kk[p], vv[p], F(1));
         }
 }
@@ -572,15 +594,17 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
     load_tokens(logz_, q, C, ka, F(0), F(-1));
     load_tokens(gy_, q, C, gg);
     load_tokens(y_, q, C, yy);
-    // u >= LEAN_MIN bounds e^(k + kappa) <= e^-u for the token's own kappa, which the lean frames may use
-    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W) && u >= F(LEAN_MIN);
+    // u >= LEAN_MIN bounds e^(k + kappa) <= e^-u for the token's own kappa, which the lean frames may use; their
+    // frames weigh keys without decay counted (nstar = 0)
+    const bool lean = q.len == LT && fabs(w) <= F(LEAN_W) && u >= F(LEAN_MIN) && !far_ref(w, T);
+    auto ns = [&](int p) { return nstar<F>(far_ref(w, T), q.t0 + p, T); };
     St<F> fw, rv;
     {
         F gyy[LT];
 #pragma unroll
         for (int p = 0; p < LT; ++p) gyy[p] = gg[p] * yy[p];
-        chunk_scan<F, true>(ka, gg, gyy, q, w, T, C, APPLY ? (const F *)G : nullptr, APPLY ? nullptr : G, sh, lean,
-                            kmax, ef, er, fw, rv);
+        chunk_scan<F, true>(ka, gg, gyy, [&](int p) { return -ns(p); }, q, w, T, C, APPLY ? (const F *)G : nullptr,
+                            APPLY ? nullptr : G, sh, lean, kmax, ef, er, fw, rv);
     }
     if (!APPLY) return;
     const F k0 = q.live ? k_[(long long)q.b * T * C + q.c] : F(0);
@@ -588,9 +612,9 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
     load_tokens(k_, q, C, kk, k0, F(L2E));
     load_tokens(v_, q, C, vv);
     F gw = 0, gu = 0;
-    // token p's bonus terms (kept in pk, pv) and its part of gu
-    auto bonus = [&](int p) {
-        const F eb = ex(u + kk[p] + ka[p]) * gg[p], vy = eb * (vv[p] - yy[p]);
+    // token p's bonus terms (kept in pk, pv) and its part of gu; ka[p] is taken relative to ref = nstar_p
+    auto bonus = [&](int p, F ref) {
+        const F eb = ex(fma(ref, w, u + kk[p] + ka[p])) * gg[p], vy = eb * (vv[p] - yy[p]);
         pk[p] = vy;
         pv[p] = eb;
         gu += vy;
@@ -618,9 +642,9 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
 #pragma unroll
         for (int p = 0; p < LT; ++p)
             if (p < q.len) {
-                bonus(p);
+                bonus(p, ns(p));
                 grad(p, ex(kk[p] + expo(st, w)), st.a, st.b, st.a2, st.b2);
-                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p]);
+                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p], -ns(p));
             }
         st = rv;
 #pragma unroll
@@ -628,7 +652,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
             if (p < q.len) {
                 grad(p, ex(kk[p] + expo(st, w)), st.a, st.b, st.a2, st.b2);
                 store(p);
-                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p]);
+                push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p], -ns(p));
             }
     }
     block_sums(sh, gw, gu, q.live, T, gw_, gu_, q.row * C + q.c);  // sh is free again after chunk_scan
@@ -721,7 +745,7 @@ __device__ __forceinline__ bool lean_forward(bool lean, St<F> fw, St<F> rv, F km
     F na = fw.a * L.sc, da = fw.b * L.sc;
 #pragma unroll
     for (int p = 0; p < LT; ++p) {
-        out(p, fma(F(-p), w, L.base), na, da, fma(F(p), w, R.base), er[p], dc[p]);
+        out(p, F(0), fma(F(-p), w, L.base), na, da, fma(F(p), w, R.base), er[p], dc[p]);
         const F e = ef[p] * L.st;
         na = fma(e, vv[p], na);
         da += e;
@@ -739,7 +763,7 @@ __device__ __forceinline__ bool lean_backward(bool lean, St<F> fw, St<F> rv, F k
     F a = fw.a * L.sc, b = fw.b * L.sc, a2 = fw.a2 * L.sc, b2 = fw.b2 * L.sc;
 #pragma unroll
     for (int p = 0; p < LT; ++p) {
-        bonus(p);
+        bonus(p, F(0));
         grad(p, ex(kk[p] + fma(F(-p), w, L.base)), a, b, a2, b2);
         a2 += a;
         b2 += b;
