@@ -271,7 +271,7 @@ def lora_scale(in_dims, rank):
 
 def lora(p, x, u, v, gate):
     """x (B, In) -> x W^T + b + gate·scale·U (V^T x) (B, Out), scale = 1/sqrt(In·r), never forming U V^T."""
-    delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2))[:, 0]  # (B, Out): U (V^T x)
+    delta = torch.bmm(torch.bmm(x[:, None], v), u.transpose(1, 2)).squeeze(1)  # (B, Out): U (V^T x)
     return torch.addcmul(linear(p, x), gate, delta, value=lora_scale(x.shape[1], u.shape[-1]))
 
 
@@ -843,10 +843,10 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=No
 #   with one stack and one sum;
 # - q_proj, the query in-projection and the 1/sqrt(head dim) scale are one Linear, folded once per forward, and the
 #   attention of the one query is spelled out (two batched matmuls and a softmax): the fused attention kernels work
-#   in blocks of 64 queries, and with one query their backward was a quarter of the captured step (H200);
+#   in blocks of 64 queries: with one query their backward took 11.4 ms of a 57.9 ms compiled step (H200);
 # - compile_backend='inductor' runs each tick as one torch.compile'd function, which fuses the remaining elementwise
 #   work (the U-Net's layer norms with their SiLUs and skip adds, the GLUs, the synchronisation update). Its first
-#   call compiles (about 20 s on an H200), so a CUDA graph is captured after it: train.py's warm-up steps do that.
+#   call compiles (about 25 s on an H200), so a CUDA graph is captured after it: train.py's warm-up steps do that.
 
 
 def nlm_weights_folded(p):
@@ -869,7 +869,7 @@ def nlm_fused(p, folded, trace, activated_state, cfg, train=False, tap=None):
         if tap is not None:
             tap(f'nlm.{layer}', h)
         h = glu(torch.baddbmm(b, h, w))
-    return h[..., 0].t()
+    return h.squeeze(-1).t()
 
 
 def attention_query_folded(params, heads):
@@ -901,8 +901,9 @@ class TickShared(torch.autograd.Function):
     apply(eq, out_shape, taps, prepare, weight, bias) -> biases (T, *out_shape): tick t applies the weight detached
     and adds biases[t] (the bias broadcast, or zeros) to its output, so that the biases' gradient G holds every tick's
     output gradient; it appends its input to taps. The backward forms the weight's gradient from X = stack(taps)
-    (prepare(X) if given: a LayerNorm's ticks tap their input, normalised here once for all) and G in one einsum, eq's 'x,w->y' read backwards (y,x->w; K = T·B for a Linear), and the bias's as G summed to its
-    shape: one wide op where autograd would run one narrow matmul a tick and sum T gradients."""
+    (prepare(X) if given: a LayerNorm's ticks tap their input, normalised here once for all) and G in one einsum,
+    eq's 'x,w->y' read backwards (y,x->w; K = T·B for a Linear), and the bias's as G summed to its shape: one wide
+    op where autograd would run one narrow matmul a tick and sum T gradients."""
 
     @staticmethod
     def forward(ctx, eq, out_shape, taps, prepare, weight, bias):
@@ -970,9 +971,8 @@ def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
     B = activated_state.shape[0]
     taps = {}
     tap = taps.__setitem__
-    x = sync[:, :query_p['weight'].shape[1]]  # the action part
-    tap('query', x)
-    query = linear(query_p, x).reshape(B * cfg.heads, 1, -1)  # (B·heads, 1, d / heads), scaled
+    tap('query', sync)
+    query = linear(query_p, sync).reshape(B * cfg.heads, 1, -1)  # (B·heads, 1, d / heads), scaled
     tap('keys', query)
     weights = torch.softmax(torch.baddbmm(keys['bias'], query, keys['weight'].transpose(1, 2)), dim=-1)
     weights = dropout(weights, cfg.dropout, train)  # (B·heads, 1, S)
@@ -1009,11 +1009,12 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
     if any('hyper' in q for q in nlms):
         folded = [None] * T
     else:
-        folded = [shared_per_tick({'weight': w, 'bias': b}, f'nlm.{k}', 'tdbi,dio->tdbo', (T, w.shape[0], B, w.shape[2]),
+        layers = [shared_per_tick({'weight': w, 'bias': b}, f'nlm.{k}', 'tdbi,dio->tdbo', (T, len(w), B, w.shape[2]),
                                   taps) for k, (w, b) in zip(('l1', 'l2'), map(nlm_weights_folded, nlms))]
-        folded = [[(q[t]['weight'], q[t]['bias']) for q in folded] for t in range(T)]
+        folded = [[(q['weight'], q['bias']) for q in tick] for tick in zip(*layers)]
     keys, values = (t.flatten(0, 1) for t in attention_keys_values(params['attention'], kv, cfg.heads))  # (B·h, S, e)
     query = attention_query_folded(params, cfg.heads)
+    query['weight'] = F.pad(query['weight'], (0, len(buffers['out_left'])))  # zeros for sync's out part: no slice
     ticks = zip(synapses_per_tick(params['synapses'], T, B, taps),
                 views_per_tick(params['nlm'], T), folded,
                 shared_per_tick(params['attention']['out'], 'out', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
@@ -1024,13 +1025,13 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
                 hypernets_per_tick(stack_hypernets(params['synapses']), T, B, taps), views_per_tick(r, T))
     tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
                                                                         dynamic=False)
-    syncs_out = []
+    syncs = []
     for shared, row in zip(ticks, inv_sqrt_beta[1:].unbind(0)):
         carry, tapped = tick(shared, pairs, row, carry, cfg, train)
         for name, x in tapped.items():
             taps[name].append(x)
-        syncs_out.append(carry[3][:, n_action:])
-    sync_out = torch.stack(syncs_out)  # (T, B, synch size out)
+        syncs.append(carry[3])
+    sync_out = torch.stack(syncs)[..., n_action:]  # (T, B, synch size out)
     predictions = linear(params['output_projector'], sync_out)  # (T, B, out_dims)
     certainties = certainty(predictions.flatten(0, 1), cfg.prediction_reshaper).unflatten(0, (T, B))
     return predictions.permute(1, 2, 0), certainties.permute(1, 2, 0), sync_out[-1]

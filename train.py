@@ -779,7 +779,7 @@ def add_ctm_args(p):
     g.add_argument('--tick', choices=('paper', 'fused', 'compiled'), help='the training step\'s ticks: '
                    'plastic.ctm_think (paper; the default on a CPU and with --eager), ctm_think_fast (fused: fewer, '
                    'wider ops, same results; the default on the captured CUDA path), or its tick torch.compile\'d '
-                   '(compiled: the first step compiles, about 20 s on an H200; fastest on a GPU)')
+                   '(compiled: the first step compiles, about 25 s on an H200; fastest on a GPU)')
     g.add_argument('--num_workers_train', type=nonneg_int, help='processes generating maze batches ahead (default 4 '
                    'on CUDA, 0 on a CPU)')
     g.add_argument('--track_every', type=nonneg_int, default=250,
