@@ -1151,6 +1151,9 @@ def test_hyper_train_cli_use_hyper_runs_and_flags_are_checked(tmp_path):
     assert {'synapses.down.2.lin.hyper.head_u.weight', 'nlm.l2.hyper.head_gate.weight'} <= set(train.flatten(saved['params']))
     bad = run_train('ctm', '--hyper_layers', 'down', '--training_iterations', '1', '--log_dir', str(tmp_path))
     assert bad.returncode != 0 and '--hyper_layers down needs --use_hyper' in bad.stderr
+    for task, backbone in (('parity', 'resnet18-1'), ('mazes', 'parity_backbone')):  # one line, not a shape error
+        bad = run_train('ctm', '--task', task, '--backbone_type', backbone, '--log_dir', str(tmp_path / task))
+        assert bad.returncode == 2 and f'--backbone_type {backbone} with --task {task}' in bad.stderr, bad.stderr
     # a checkpoint from before the readable hypernetworks (three heads packed in one Linear 'heads') is refused
     saved['params'] = {k: v for k, v in train.flatten(saved['params']).items() if '.head_' not in k}
     saved['params']['synapses.down.2.lin.hyper.heads.weight'] = torch.zeros(1)

@@ -817,6 +817,10 @@ def resolve_ctm_args(args):
     if args.hyper_layers not in (None, 'none') and not args.use_hyper:
         raise SystemExit(f'train.py ctm: --hyper_layers {args.hyper_layers} needs --use_hyper (the plastic synapses '
                          'are off without it)')
+    if (args.backbone_type == 'parity_backbone') != (args.ctm_task == 'parity'):
+        raise SystemExit(f'train.py ctm: --backbone_type {args.backbone_type} with --task {args.ctm_task}: expected '
+                         'parity_backbone for parity (its inputs are a sequence of signs, not an image) and any '
+                         'other backbone for images and mazes')
     args.hyper_layers = (args.hyper_layers or 'bottleneck') if args.use_hyper else 'none'
     return args
 
