@@ -230,18 +230,16 @@ def attention(p, x, cfg, subset=None):
     heads = lambda y: rearrange(y, 'b t (h d) -> b h t d', h=H)
     cos, sin = rope_tables(torch.arange(T, device=x.device), D // H, cfg.rope_base)  # (T, Dh/2)
     k, v = apply_rope(heads(linear(p['wk'], x)), cos, sin), heads(linear(p['wv'], x))
-    if subset is None:
+    visible = None if subset is None else subset['visible']
+    if visible is None:  # every token's query, plainly causal
         q = apply_rope(heads(linear(p['wq'], x)), cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return linear(p['wo'], rearrange(out, 'b h t d -> b t (h d)'))
-    row, slot, pos, visible = subset['row'], subset['slot'], subset['pos'], subset['visible']
-    if visible is None:
-        q = apply_rope(heads(linear(p['wq'], x)), cos, sin)
-    else:
+    else:  # the kept tokens' queries, packed
+        row, slot, pos = subset['row'], subset['slot'], subset['pos']
         q = x.new_zeros(*pos.shape, D).index_put_((row, slot), linear(p['wq'], x.flatten(0, 1)[subset['index']]))
         q = apply_rope(heads(q), cos[pos][:, None], sin[pos][:, None])  # tables (B, 1, N, Dh/2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None)  # (B, H, N, Dh)
-    return linear(p['wo'], rearrange(out, 'b h n d -> b n (h d)')[row, slot])
+    out = rearrange(out, 'b h n d -> b n (h d)')
+    return linear(p['wo'], out if subset is None else out[subset['row'], subset['slot']])
 
 
 def init_swiglu_ffn(gen, dim, hidden, out_std):
@@ -348,7 +346,7 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     for layer in params['layers'][exit_layer:]:
         h = block(layer, h, cfg, deep)
     deep_logits = output_head(params, h.flatten(0, 1)[deep['index']], cfg)  # (M, V)
-    logits.flatten(0, 1).index_copy_(0, deep['index'], deep_logits)  # in place: autograd saved no logits
+    logits.flatten(0, 1).index_copy_(0, deep['index'], deep_logits)  # in place is safe: no backward reads logits
     return logits, exit_mask
 
 
@@ -357,8 +355,8 @@ def routed_flops(cfg, exit_mask, exit_layer):
 
     Per token and layer: q, k, v, o projections 8 D^2, SwiGLU feed-forward 6 D F, attention scores and weighted
     sum 4 D (t + 1) at position t; an exited token costs 4 D^2 (its key and value) in each layer above the exit
-    (the queries that forward_routed's attention computes and drops are not charged). The head costs 2 D V per token each time it runs:
-    once at exit_layer for all tokens, once more for the continuing ones. exit_layer = num_layers with no exits is
+    (the queries that forward_routed's attention computes and drops are not charged). The head costs 2 D V per
+    token each time it runs: once at exit_layer for all tokens, once more for the continuing ones. exit_layer = num_layers with no exits is
     the plain forward."""
     D, V, L = cfg.dim, cfg.vocab_size, cfg.num_layers
     exit_mask = exit_mask.double()
