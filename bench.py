@@ -29,10 +29,7 @@ def add_lash_fastpath_args(p):
 
 def run_lash_fastpath(args):
     """One training step (loss, backward) of standard last-layer training: fast path (head once) vs the general
-    path (head after every layer), alternated step by step; the median of each."""
-    import statistics
-    import time
-
+    path (head after every layer), alternated step by step (paired_times); the median of each."""
     import torch
 
     import lash
@@ -47,23 +44,18 @@ def run_lash_fastpath(args):
         gen = torch.Generator().manual_seed(1)
         batch = tuple(torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen).to(device)
                       for _ in range(2))
-        times = {True: [], False: []}
         losses = {}
-        for i in range(args.repeats + 2):
-            for fast in (True, False):
-                sync()
-                t0 = time.perf_counter()
-                loss = lash.compute_loss(params, batch, config, cfg, fast_path=fast)
-                loss.backward()
-                sync()
-                if i >= 2:  # warm-up
-                    times[fast].append(time.perf_counter() - t0)
-                losses[fast] = loss.item()
-        fast_ms, general_ms = (1000 * statistics.median(times[f]) for f in (True, False))
+
+        def step(fast):
+            loss = lash.compute_loss(params, batch, config, cfg, fast_path=fast)
+            loss.backward()
+            losses[fast] = loss.detach()
+        fast_s, general_s = paired_times(lambda _: step(True), lambda _: step(False), [None], args.repeats, sync)
+        fast_ms, general_ms = 1000 * fast_s, 1000 * general_s
         rows.append({'vocab': vocab, 'dim': args.dim, 'layers': args.num_layers,
                      'tokens': args.batch_size * args.seq_len, 'fast_ms': fast_ms, 'general_ms': general_ms,
                      'time_saved_pct': 100 * (1 - fast_ms / general_ms),
-                     'loss_diff': abs(losses[True] - losses[False]), 'device': str(device)})
+                     'loss_diff': abs(losses[True] - losses[False]).item(), 'device': str(device)})
     return rows
 
 
