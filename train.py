@@ -1650,8 +1650,8 @@ def run_ashem(args):
     print(f'hard PPL: {ashem["hard_ppl"] / phase1["hard_ppl"] - 1:+.1%} vs phase 1 alone, '
           f'{ashem["hard_ppl"] / base1["hard_ppl"] - 1:+.1%} vs the {p1}-layer baseline, '
           f'{ashem["hard_ppl"] / rows[1]["hard_ppl"] - 1:+.1%} vs the {p2}-layer baseline; '
-          f'compute {ashem["compute_cost"] - 1:+.1%} (layers), {ashem["flop_cost"] - 1:+.1%} (FLOPs) vs the '
-          f'{p2}-layer model (seed, WikiText-2: hard PPL -78%, compute -36%)')
+          f'counted work {ashem["compute_cost"] - 1:+.1%} (layers run), {ashem["flop_cost"] - 1:+.1%} (FLOPs) vs '
+          f'the {p2}-layer model, not wall time (seed, WikiText-2: hard PPL -78%, "compute" -36%)')
     with open(os.path.join(args.log_dir, 'results.json'), 'w') as f:
         json.dump({'argv': sys.argv, 'threshold': threshold, 'rows': rows}, f, indent=1)
     return rows
