@@ -192,26 +192,6 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def token_subset(keep):
-    """keep (B, T) bool -> the kept tokens, listed once for the layers that update only them (early exit):
-    'index' (M,), their flat positions b·T + t; 'row', 'slot' (M,), where each one's query sits in a (B, N) layout;
-    'pos' (B, N), the position of each slot; 'visible' (B, 1, N, T), each query's causal mask, or None when
-    plainly causal. The queries are packed to the left of their rows (N the busiest row's count) when that skips an
-    eighth of the attention at least; otherwise they stay in place (N = T). Measured on a CPU (T = 128), a masked
-    attention costs about as much per query as the causal one, which does not skip the masked half there."""
-    B, T = keep.shape
-    index = keep.flatten().nonzero().squeeze(1)
-    row, t = index // T, index % T
-    N = int(keep.sum(1).max())
-    if 8 * N > 7 * T:
-        return {'index': index, 'row': row, 'slot': t, 'pos': torch.arange(T, device=keep.device).expand(B, T),
-                'visible': None}
-    slot = (keep.cumsum(1) - 1)[keep]
-    pos = torch.zeros(B, N, dtype=torch.long, device=keep.device).index_put_((row, slot), t)
-    visible = torch.arange(T, device=keep.device) <= pos[:, None, :, None]
-    return {'index': index, 'row': row, 'slot': slot, 'pos': pos, 'visible': visible}
-
-
 def init_attention(gen, cfg, out_std):
     d = cfg.dim
     return {'wq': init_linear(gen, d, d), 'wk': init_linear(gen, d, d), 'wv': init_linear(gen, d, d),
@@ -319,10 +299,34 @@ def forward(params, tokens, cfg):
     return output_head(params, hidden_after(params, tokens, cfg, cfg.num_layers), cfg)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# early exit: the same model; tokens above the confidence threshold leave after exit_layer
+
+
 def confidence(logits):
     """Max softmax probability. It needs the whole vocabulary; softmax + amax measured fastest on a CPU (one
     (32, 128, 256) batch: 0.7 ms, against 2.0 ms for exp(max - logsumexp) and ~100 ms for the forward)."""
     return logits.softmax(-1).amax(-1)
+
+
+def token_subset(keep):
+    """keep (B, T) bool -> the kept tokens, listed once for the layers that update only them (early exit):
+    'index' (M,), their flat positions b·T + t; 'row', 'slot' (M,), where each one's query sits in a (B, N) layout;
+    'pos' (B, N), the position of each slot; 'visible' (B, 1, N, T), each query's causal mask, or None when
+    plainly causal. The queries are packed to the left of their rows (N the busiest row's count) when that skips an
+    eighth of the attention at least; otherwise they stay in place (N = T). Measured on a CPU (T = 128), a masked
+    attention costs about as much per query as the causal one, which does not skip the masked half there."""
+    B, T = keep.shape
+    index = keep.flatten().nonzero().squeeze(1)
+    row, t = index // T, index % T
+    N = int(keep.sum(1).max())
+    if 8 * N > 7 * T:
+        return {'index': index, 'row': row, 'slot': t, 'pos': torch.arange(T, device=keep.device).expand(B, T),
+                'visible': None}
+    slot = (keep.cumsum(1) - 1)[keep]
+    pos = torch.zeros(B, N, dtype=torch.long, device=keep.device).index_put_((row, slot), t)
+    visible = torch.arange(T, device=keep.device) <= pos[:, None, :, None]
+    return {'index': index, 'row': row, 'slot': slot, 'pos': pos, 'visible': visible}
 
 
 def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=None):
@@ -356,8 +360,8 @@ def routed_flops(cfg, exit_mask, exit_layer):
     Per token and layer: q, k, v, o projections 8 D^2, SwiGLU feed-forward 6 D F, attention scores and weighted
     sum 4 D (t + 1) at position t; an exited token costs 4 D^2 (its key and value) in each layer above the exit
     (the queries that forward_routed's attention computes and drops are not charged). The head costs 2 D V per
-    token each time it runs: once at exit_layer for all tokens, once more for the continuing ones. exit_layer = num_layers with no exits is
-    the plain forward."""
+    token each time it runs: once at exit_layer for all tokens, once more for the continuing ones.
+    exit_layer = num_layers with no exits is the plain forward."""
     D, V, L = cfg.dim, cfg.vocab_size, cfg.num_layers
     exit_mask = exit_mask.double()
     B, T = exit_mask.shape
