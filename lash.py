@@ -16,8 +16,8 @@ Early exit in a causal transformer: a token that exits at layer e is not process
 after it still attend to it in those layers. We copy its exit hidden state upward (as CALM, Schuster et al. 2022,
 does for skipped layers): layer l > e computes the exited token's key and value from that copied state, and
 nothing else for it (no query, attention, output projection or feed-forward). `routed_flops` charges exactly that
-(the batched attention also runs some queries whose outputs it drops, which keeps its layout regular: zeros
-packed after the continuing tokens' queries, or in place every token's own: see `token_subset`).
+(to keep a regular layout, the batched attention also computes some queries whose outputs it drops: see
+`token_subset`).
 `generate` decodes token by token with a key/value cache and the same upward copy.
 """
 import math
