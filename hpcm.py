@@ -12,8 +12,7 @@ import math
 import os
 import struct
 import zlib
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -1151,7 +1150,7 @@ class Coder:
     cfg: HPCMConfig
     fingerprint: int
     tables: dict
-    positions: dict = dataclasses.field(default_factory=dict)
+    positions: dict = field(default_factory=dict)
 
 
 def make_coder(params, cfg):
