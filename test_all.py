@@ -2166,6 +2166,18 @@ def test_hpcm_masks_partition_the_latent_once(groups, h, w):
         assert torch.equal(s2[j * g:(j + 1) * g], lattice.expand(g, H, W))
 
 
+def test_hpcm_coded_positions_are_each_steps_mask_in_flat_order_and_cached():
+    cfg, params = hpcm_tiny()
+    coder = hpcm.make_coder(params, cfg)
+    positions = hpcm.coded_positions(coder, 8, 12)
+    assert len(positions) == 11 and hpcm.coded_positions(coder, 8, 12) is positions
+    for (_, mask), pos in zip(hpcm.coding_schedule(cfg.M, 8, 12), positions):
+        ones = mask[0].tolist()  # [M][h][w]
+        h, w = len(ones[0]), len(ones[0][0])
+        assert pos.tolist() == [(m * h + i) * w + j for m in range(cfg.M) for i in range(h) for j in range(w)
+                                if ones[m][i][j]]
+
+
 def test_hpcm_subgrid_roundtrip_against_loops():
     t = torch.randn(2, 16, 6, 8)
     sub = hpcm.subgrid(t, hpcm.S2_OFFSETS)
@@ -2600,7 +2612,6 @@ def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
     assert ran.returncode == 0 and 'resumed' in ran.stdout and 'step 3/3' in ran.stdout, ran.stderr[-3000:]
 
 
-
 def test_hpcm_bench_ms_ssim_against_window_loop():
     """One scale (a 16 x 15 image): the mean over every 11x11 window and channel of the SSIM formula with
     Gaussian weights, computed window by window; and MS-SSIM(x, x) = 1 at 5 scales."""
@@ -2672,6 +2683,7 @@ def test_hpcm_channels_last_params_compute_the_same_values():
         ref = hpcm.hpcm_forward(params, x, cfg)
         out = hpcm.hpcm_forward(nhwc, x.contiguous(memory_format=torch.channels_last), cfg)
     assert torch.allclose(out[0], ref[0], atol=1e-5) and math.isclose(out[2].item(), ref[2].item(), rel_tol=1e-4)
+
 
 # ================================================================================================================
 # train.py ctm: the CUDA-graph fast path and data-parallel training
