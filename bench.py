@@ -550,14 +550,20 @@ def bd_rate(anchor, test):
     return 100 * (math.exp(float(np.mean(t - a))) - 1)
 
 
+def codec_config(args, hpcm, device, phase):
+    """-> (preset, config) of a random-weight model of `phase`: --preset, 'auto' being 'full' on CUDA and 'small'
+    elsewhere, as in train.py hpcm."""
+    preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
+    return preset, hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+
+
 def codec_models(args, torch, hpcm, device):
     """[(name, params, cfg)]: the checkpoints of --ckpt, else random-weight models of --phases."""
     if args.ckpt:
         return [(path, *train.load_for_inference(path, device)) for path in args.ckpt]
-    preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
     models = []
     for phase in args.phases:
-        cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+        preset, cfg = codec_config(args, hpcm, device, phase)
         models.append((f'random phase {phase} ({preset})',
                        train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device), cfg))
     return models
@@ -658,13 +664,12 @@ def run_codec_train(args):
     import hpcm
     device = train.pick_device(args.device)
     sync = train.synchronizer(device)
-    preset = args.preset if args.preset != 'auto' else ('full' if device.type == 'cuda' else 'small')
     rows = []
     for bench_flag, nhwc, tf32, phase in itertools.product(args.cudnn_benchmark, args.channels_last, args.tf32,
                                                            args.phases):
         torch.backends.cudnn.benchmark = bool(bench_flag)
         torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-        cfg = hpcm.HPCMConfig(phase=phase) if preset == 'full' else hpcm.HPCMConfig.small(phase)
+        _, cfg = codec_config(args, hpcm, device, phase)
         params = train.tree_to(hpcm.init_hpcm(cfg, torch.Generator().manual_seed(0)), device, True)
         params = train.channels_last(params) if nhwc else params
         opt = torch.optim.Adam(train.tree_leaves(params), lr=1e-4)
