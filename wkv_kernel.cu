@@ -121,7 +121,7 @@ template <typename F> __device__ __forceinline__ F nstar(bool far, int t, int T)
 // splits rows into pieces); here the piece is the whole row and the sums entering it are empty.
 
 // Calls step(t, load(t)) for t = t0..t1-1 (t1-1..t0 when REVERSE), loading NAIVE_TB tokens before stepping through
-// them: a thread walks its row alone, and a load waited for token by token (~600 cycles) costs more than the step.
+// them: a thread walks its row alone, and this keeps NAIVE_TB of its loads in flight instead of one.
 #define NAIVE_TB 8
 template <bool REVERSE, typename Load, typename Step>
 __device__ __forceinline__ void walk(int t0, int t1, Load load, Step step) {
