@@ -744,6 +744,20 @@ def test_ctm_draw_line_paints_the_hand_computed_pixels():
     assert (plot[15, 10] == 0).all() and (plot[10, 4] == 0).all() and (plot[2, 2] == 255).all()  # axes, background
 
 
+def test_ctm_paint_route_paints_the_walked_cells_and_marks_the_wall_hit():
+    image = np.zeros((3, 4, 3), np.uint8)  # black walls; white open cells; the red start at (0, 0)
+    image[0, :3] = image[1, 2] = 255
+    image[0, 0] = (255, 0, 0)
+    big = train.upsample(image, 2)
+    train.paint_route(big, image, [3, 3, 1, 1], 2, 0)  # right, right, down, then down into the wall at (2, 2)
+    cells = lambda colour: sorted({(r // 2, c // 2) for r, c in zip(*np.nonzero((big == colour).all(-1)))})
+    assert cells((255, 150, 0)) == [(0, 1), (0, 2)] and cells((0, 90, 255)) == [(1, 2)]
+    big = train.upsample(image, 4)
+    train.paint_route(big, image, [3, plastic.WAIT, 3], 4, 1)  # no wall hit: all orange, each cell's 2x2 centre
+    assert cells((0, 90, 255)) == [] and (big == (255, 150, 0)).all(-1).sum() == 2 * 4
+    assert (big[1, 5] == (255, 150, 0)).all() and (big[0, 4] == 255).all()  # cell (0, 1): centre, corner
+
+
 def test_ctm_attention_frames_put_the_weight_where_the_feature_sits():
     assert train.feature_grid(400, 39, 39) == (20, 20) and train.feature_grid(16, 1, 16) == (1, 16)
     assert train.feature_grid(12, 30, 40) == (3, 4)

@@ -955,18 +955,12 @@ def ctm_lr(args, step):
 
 
 def write_maze_pngs(args, step, images, predicted, targets, scale=8):
-    """A few held-out mazes with the predicted route drawn over them (orange; blue where it runs into a wall)."""
-    import plastic
+    """A few held-out mazes with the predicted route drawn over them (paint_route, below)."""
     solved = (predicted == targets).all(1)
     order = np.argsort(~solved, kind='stable')[:args.n_pngs]
     for k, i in enumerate(order):
-        picture = images[i].copy()
-        path = plastic.walk_route(images[i], predicted[i])
-        for y, x in path[1:]:
-            picture[y, x] = (255, 150, 0)
-        if len(path) - 1 < (predicted[i] != plastic.WAIT).sum():
-            picture[path[-1]] = (0, 90, 255)
-        big = np.repeat(np.repeat(picture, scale, 0), scale, 1)
+        big = upsample(images[i], scale)
+        paint_route(big, images[i], predicted[i], scale, 0)
         write_png(os.path.join(args.log_dir, f'maze_step{step}_{k}_{"solved" if solved[i] else "unsolved"}.png'), big)
 
 
@@ -997,9 +991,10 @@ def draw_line(canvas, x0, y0, x1, y1, colour):
     canvas[ys[keep], xs[keep]] = colour
 
 
-def line_plot(series, height, width, lo=None, hi=None, colours=PALETTE, margin=6):
+def line_plot(series, height, width, lo=None, hi=None, colours=PALETTE, margin=6, mark=None):
     """series (n, T) -> uint8 (height, width, 3): one polyline per row on a white canvas with left and bottom axes,
-    x = tick, y scaled from [lo, hi] (default: the data's range); a grey line at y = 0 when it is in range."""
+    x = tick, y scaled from [lo, hi] (default: the data's range); a grey line at y = 0 when it is in range, and a
+    red vertical line at tick `mark` if given."""
     series = np.asarray(series, np.float64)
     lo = series.min() if lo is None else lo
     hi = series.max() if hi is None else hi
@@ -1014,6 +1009,8 @@ def line_plot(series, height, width, lo=None, hi=None, colours=PALETTE, margin=6
     for k, row in enumerate(series):
         for t in range(len(row) - 1):
             draw_line(canvas, x(t), y(row[t]), x(t + 1), y(row[t + 1]), colours[k % len(colours)])
+    if mark is not None:
+        draw_line(canvas, x(mark), margin, x(mark), height - 1 - margin, (214, 39, 40))
     return canvas
 
 
@@ -1042,15 +1039,22 @@ def paint_cells(big, cells, scale, colour, inset):
         big[r * scale + inset:(r + 1) * scale - inset, c * scale + inset:(c + 1) * scale - inset] = colour
 
 
+def paint_route(big, image, moves, scale, inset):
+    """Paint the route the moves walk from the maze's start onto its scaled-up picture: orange, and blue on the
+    last cell when a move runs into a wall (paint_cells' inset)."""
+    import plastic
+    path = plastic.walk_route(image, moves)
+    paint_cells(big, path[1:], scale, (255, 150, 0), inset)
+    if len(path) - 1 < (np.asarray(moves) != plastic.WAIT).sum():
+        paint_cells(big, path[-1:], scale, (0, 90, 255), inset)
+
+
 def maze_route_picture(image, predicted, target, scale):
     """The maze with the true route (green) under the predicted one (orange, blue at a wall it runs into)."""
     import plastic
     big = upsample(image, scale)
     paint_cells(big, plastic.walk_route(image, target)[1:-1], scale, (120, 220, 120), 0)
-    path = plastic.walk_route(image, predicted)
-    paint_cells(big, path[1:], scale, (255, 150, 0), scale // 4)
-    if len(path) - 1 < (np.asarray(predicted) != plastic.WAIT).sum():
-        paint_cells(big, path[-1:], scale, (0, 90, 255), scale // 4)
+    paint_route(big, image, predicted, scale, scale // 4)
     return big
 
 
@@ -1063,6 +1067,7 @@ def attention_frames(picture, attention, certainty, scale, routes=None):
     rows, cols = feature_grid(attention.shape[-1], H, W)
     big = upsample(picture, scale).astype(np.float64)
     ys, xs = np.arange(H * scale) * rows // (H * scale), np.arange(W * scale) * cols // (W * scale)
+    thick = max(scale // 2, 3)  # of each bar
     frames = []
     for t, weights in enumerate(attention.mean(1)):
         heat = (weights - weights.min()) / max(weights.max() - weights.min(), 1e-12)
@@ -1070,8 +1075,7 @@ def attention_frames(picture, attention, certainty, scale, routes=None):
         frame = (big * (1 - 0.7 * heat) + np.array(HEAT) * 0.7 * heat).round().astype(np.uint8)
         if routes is not None:
             paint_cells(frame, routes[t], scale, (255, 150, 0), scale * 3 // 8)
-        bars = np.full((2 * max(scale // 2, 3) + 2, W * scale, 3), 255, np.uint8)
-        thick = max(scale // 2, 3)
+        bars = np.full((2 * thick + 2, W * scale, 3), 255, np.uint8)
         bars[1:1 + thick, :round(W * scale * (t + 1) / len(attention))] = (110, 110, 110)
         bars[2 + thick:2 + 2 * thick, :round(W * scale * float(certainty[t]))] = (40, 170, 40)
         frames.append(np.concatenate([frame, bars]))
@@ -1095,9 +1099,7 @@ def neurons_picture(post, certainty, width=480, neurons=6):
     certainty on [0, 1] with a vertical line at its most certain tick (bottom)."""
     picked = np.argsort(-post.std(0), kind='stable')[:neurons]
     top = line_plot(post[:, picked].T, 200, width)
-    bottom = line_plot(certainty[None], 100, width, 0.0, 1.0, colours=PALETTE[2:3])
-    best = 6 + int(np.argmax(certainty)) * (width - 13) / max(len(certainty) - 1, 1)
-    draw_line(bottom, best, 6, best, 93, (214, 39, 40))
+    bottom = line_plot(certainty[None], 100, width, 0.0, 1.0, colours=PALETTE[2:3], mark=int(np.argmax(certainty)))
     return np.concatenate([top, np.full((8, width, 3), 255, np.uint8), bottom])
 
 
