@@ -881,18 +881,29 @@ def attention_query_folded(params, heads):
             'bias': torch.addmv(b_q, w_q, params['q_proj']['bias']) * scale}
 
 
+def per_tick(tree, T, leaf, name=''):
+    """A tree of dicts, lists and tuples -> T trees of its shape: leaf(node, name) gives a node's T per-tick values,
+    or None to descend into it; name is the node's place in the tree ('down.0.lin')."""
+    ticks = leaf(tree, name)
+    if ticks is not None:
+        return ticks
+    keys = tree.keys() if isinstance(tree, dict) else range(len(tree))
+    children = {k: per_tick(tree[k], T, leaf, f'{name}.{k}'.lstrip('.')) for k in keys}
+    if isinstance(tree, dict):
+        return [{k: v[t] for k, v in children.items()} for t in range(T)]
+    return [type(tree)(v[t] for v in children.values()) for t in range(T)]
+
+
 def views_per_tick(tree, T):
     """A tree of tensors -> T trees, tick t's leaves the t-th of T views of each leaf (expand, then unbind): autograd
     then gathers a leaf's T gradients with one stack and one sum instead of T - 1 additions, one a tick."""
-    if isinstance(tree, dict):
-        trees = {k: views_per_tick(v, T) for k, v in tree.items()}
-        return [{k: v[t] for k, v in trees.items()} for t in range(T)]
-    if isinstance(tree, (list, tuple)):
-        items = [views_per_tick(v, T) for v in tree]
-        return [type(tree)(v[t] for v in items) for t in range(T)]
-    if isinstance(tree, torch.Tensor) and tree.requires_grad:
-        return tree.expand(T, *tree.shape).unbind(0)
-    return [tree] * T
+    def views(node, _):
+        if isinstance(node, (dict, list, tuple)):
+            return None
+        if isinstance(node, torch.Tensor) and node.requires_grad:
+            return node.expand(T, *node.shape).unbind(0)
+        return [node] * T
+    return per_tick(tree, T, views)
 
 
 class TickShared(torch.autograd.Function):
@@ -925,19 +936,18 @@ def shared_per_tick(q, name, eq, out_shape, taps, prepare=None):
     return [{**q, 'weight': q['weight'].detach(), 'bias': b} for b in biases.unbind(0)]
 
 
-def synapses_per_tick(p, T, B, taps, name=''):
+def synapses_per_tick(p, T, B, taps):
     """The U-Net's tree -> T trees whose Linears ('tbi,oi->tbo') and LayerNorms' affine parts ('tbd,d->tbd' on the
     normalised input) are TickShared, their taps named by their place in the tree ('first.lin', 'down.0.ln',
     'skip_ln.1', ...)."""
-    if isinstance(p, dict) and 'weight' in p:
-        if p['weight'].dim() == 2:
-            return shared_per_tick(p, name, 'tbi,oi->tbo', (T, B, p['weight'].shape[0]), taps)
-        return shared_per_tick(p, name, 'tbd,d->tbd', (T, B, p['weight'].shape[0]), taps,
+    def shared(q, name):
+        if not (isinstance(q, dict) and 'weight' in q):
+            return None
+        if q['weight'].dim() == 2:
+            return shared_per_tick(q, name, 'tbi,oi->tbo', (T, B, q['weight'].shape[0]), taps)
+        return shared_per_tick(q, name, 'tbd,d->tbd', (T, B, q['weight'].shape[0]), taps,
                                lambda x: F.layer_norm(x, x.shape[-1:]))
-    items = p.items() if isinstance(p, dict) else enumerate(p)
-    trees = {k: synapses_per_tick(v, T, B, taps, f'{name}.{k}'.lstrip('.')) for k, v in items}
-    return [{k: v[t] for k, v in trees.items()} if isinstance(p, dict) else [trees[k][t] for k in range(len(p))]
-            for t in range(T)]
+    return per_tick(p, T, shared)
 
 
 def hypernets_per_tick(stacked, T, B, taps):
