@@ -826,7 +826,8 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=No
 # or `--tick compiled`, tested equal to ctm_think)
 #
 # Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (~480 a tick at the
-# seeds' size on an H200, 92.7 ms a step at batch 64). ctm_think_fast does the same arithmetic in fewer, wider ops:
+# seeds' size). ctm_think_fast does the same arithmetic in fewer, wider ops; measured side by side (H200, mazes-small,
+# batch 64, `python bench.py ctm`), a step takes 91.7 ms with the paper ticks, 53.0 ms fused, 46.1 ms compiled:
 # - one synchronisation accumulator for both pair sets: the out sum after tick t and the action sum read by tick
 #   t+1 add the same activated state, so their pairs are concatenated and updated together by one gather, one
 #   product and one addcmul, a recurrence over fixed tensors (no None on the first tick); beta = 1 + r + ... +
