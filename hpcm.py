@@ -458,15 +458,6 @@ def omni_shift(p, x):
     return a[0] * x + a[1] * conv2d(p['conv1'], x) + a[2] * conv2d(p['conv3'], x) + a[3] * conv2d(p['conv5'], x)
 
 
-def fuse_omni_shift(p):
-    """Optimisation of omni_shift for inference: its four linear branches summed into one depthwise 5x5,
-    {'weight': (dim, 1, 5, 5)}; conv2d(fuse_omni_shift(p), x) == omni_shift(p, x)."""
-    a = p['alpha']
-    w1, w3, w5 = p['conv1']['weight'], p['conv3']['weight'], p['conv5']['weight']
-    identity = F.pad(torch.ones_like(w1), (2, 2, 2, 2))
-    return {'weight': a[0] * identity + a[1] * F.pad(w1, (2, 2, 2, 2)) + a[2] * F.pad(w3, (1, 1, 1, 1)) + a[3] * w5}
-
-
 def _check_channels(x, dim, who):
     if x.dim() != 4 or x.shape[1] != dim:
         raise ValueError(f'{who}: x must be (B, {dim}, H, W), got {tuple(x.shape)}')

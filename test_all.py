@@ -2007,7 +2007,7 @@ def test_wkv_default_path_on_cuda_is_split_for_short_rows_else_chunked(monkeypat
         hpcm.bi_wkv_naive(w, u, k.half(), v.half())
 
 
-def test_rwkv_omni_shift_fused_equals_branches():
+def test_rwkv_omni_shift_equals_its_four_branches():
     gen = torch.Generator().manual_seed(0)
     p = hpcm.init_omni_shift(gen, 6)
     x = torch.randn(2, 6, 7, 5, generator=gen)
@@ -2016,9 +2016,6 @@ def test_rwkv_omni_shift_fused_equals_branches():
                 + a[2] * F.conv2d(x, p['conv3']['weight'], padding=1, groups=6)
                 + a[3] * F.conv2d(x, p['conv5']['weight'], padding=2, groups=6))
     torch.testing.assert_close(hpcm.omni_shift(p, x), branches, rtol=1e-5, atol=1e-5)
-    fused = hpcm.fuse_omni_shift(p)
-    assert fused['weight'].shape == (6, 1, 5, 5)
-    torch.testing.assert_close(hpcm.conv2d(fused, x), branches, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=5)
