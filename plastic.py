@@ -957,13 +957,15 @@ def hypernets_per_tick(stacked, T, B, taps):
     ('tnbh,nrh->tnbr'), the GroupNorm (and a list of heads) one view per tick."""
     if stacked is None:
         return [None] * T
+    lin = shared_per_tick(stacked['lin'], 'first.lin', 'tbi,oi->tbo', (T, B, stacked['lin']['weight'].shape[0]), taps)
+    norm = views_per_tick(stacked['norm'], T)
     heads = stacked['heads']
-    n = len(heads) if isinstance(heads, list) else heads['weight'].shape[0]
-    ticks = zip(shared_per_tick(stacked['lin'], 'first.lin', 'tbi,oi->tbo', (T, B, stacked['lin']['weight'].shape[0]),
-                                taps), views_per_tick(stacked['norm'], T),
-                views_per_tick(heads, T) if isinstance(heads, list) else
-                shared_per_tick(heads, 'hyper.heads.lin', 'tnbh,nrh->tnbr', (T, n, B, heads['weight'].shape[1]), taps))
-    return [dict(zip(('lin', 'norm', 'heads'), tick)) for tick in ticks]
+    if isinstance(heads, list):
+        heads = views_per_tick(heads, T)
+    else:
+        n, rows = heads['weight'].shape[:2]
+        heads = shared_per_tick(heads, 'hyper.heads.lin', 'tnbh,nrh->tnbr', (T, n, B, rows), taps)
+    return [{'lin': lin[t], 'norm': norm[t], 'heads': heads[t]} for t in range(T)]
 
 
 def layer_norm_tapped(tap, name, q, h):
