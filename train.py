@@ -1110,7 +1110,7 @@ def write_ctm_pictures(params, buffers, cfg, task, x, y, out_dir):
         tr = {k: v.float().cpu().numpy() for k, v in plastic.ctm_trace(params, buffers, x, cfg).items()}
     os.makedirs(out_dir, exist_ok=True)
     pictures = input_pictures(x)
-    scale = max(2, 320 // max(pictures.shape[1:3]))
+    scale = max(2, 320 // max(pictures.shape[1:3]))  # about 320 pixels on the longer side
     certain = tr['certainties'][..., 1]  # (T, B)
     written = []
     for b in range(len(x)):
@@ -1130,7 +1130,8 @@ def write_ctm_pictures(params, buffers, cfg, task, x, y, out_dir):
     return written
 
 
-CTM_PICTURE_ARGS = ('maze_size', 'image_size', 'data_root', 'seed')  # with CTM_MODEL_ARGS: the checkpoint's
+# --visualize takes these from the checkpoint, beside CTM_MODEL_ARGS: they choose its held-out examples
+CTM_PICTURE_ARGS = ('maze_size', 'image_size', 'data_root', 'seed')
 
 
 def ctm_visualize(args, device):
