@@ -742,6 +742,9 @@ def test_ctm_draw_line_paints_the_hand_computed_pixels():
     plot = train.line_plot([[0.0, 1.0]], 20, 30, 0.0, 1.0)  # margin 6: x 6..23, y 13 (value 0) .. 6 (value 1)
     assert (plot[13, 6] == train.PALETTE[0]).all() and (plot[6, 23] == train.PALETTE[0]).all()
     assert (plot[15, 10] == 0).all() and (plot[10, 4] == 0).all() and (plot[2, 2] == 255).all()  # axes, background
+    marked = train.line_plot([[0.0, 1.0]], 20, 30, 0.0, 1.0, mark=0)  # a red line at tick 0: x 6, y 6..13
+    assert (marked[6:14, 6] == (214, 39, 40)).all() and (marked[5, 6] == 255).all()
+    assert np.array_equal(np.delete(marked, 6, 1), np.delete(plot, 6, 1))
 
 
 def test_ctm_paint_route_paints_the_walked_cells_and_marks_the_wall_hit():
