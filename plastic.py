@@ -1033,8 +1033,8 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
                 shared_per_tick(params['attention']['out'], 'out', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
                 shared_per_tick(query, 'query', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
                 shared_per_tick({'weight': keys}, 'keys', 'tnqe,nse->tnqs', (T, len(keys), 1, keys.shape[1]), taps),
-                shared_per_tick({'weight': values}, 'values', 'tnqs,nse->tnqe', (T, *values.shape[:1], 1,
-                                                                                 values.shape[2]), taps),
+                shared_per_tick({'weight': values}, 'values', 'tnqs,nse->tnqe', (T, len(values), 1, values.shape[2]),
+                                taps),
                 hypernets_per_tick(stack_hypernets(params['synapses']), T, B, taps), views_per_tick(r, T))
     tick = ctm_tick_fused if compile_backend is None else torch.compile(ctm_tick_fused, backend=compile_backend,
                                                                         dynamic=False)
