@@ -207,12 +207,16 @@ def add_wkv_args(p):
                    help="comma list of BxCxT: the codec's context cells (y of a 256² crop is 16x16 = 256 tokens)")
     p.add_argument('--sizes', default='1x640,16x512,64x640', help='comma list of BxC for the long rows')
     p.add_argument('--lengths', default='256,4096,16384', help='comma list of T for the long rows')
-    p.add_argument('--paths', default='auto,naive,split,cuda,scan,dense',
-                   help='comma list of auto (bi_wkv\'s choice), naive, split, cuda (chunked), scan, dense')
+    p.add_argument('--paths', default='auto,naive,split,cuda,scan,dense,empty',
+                   help='comma list of auto (bi_wkv\'s choice), naive, split, cuda (chunked), scan, dense, empty (an '
+                        'autograd.Function that allocates y and the gradients and launches nothing: the host floor)')
     p.add_argument('--repeats', type=int, default=20, help='timed fwd+bwd calls per case and kernel path '
                    '(scan and dense: 1)')
     p.add_argument('--dense_max_T', type=int, default=256, help='dense is O(T²) in memory')
     p.add_argument('--scan_max_elems', type=int, default=2 ** 28, help='skip the scan above this B·T·C (memory)')
+    p.add_argument('--vrwkv', default=None, metavar='DIR',
+                   help="also time Vision-RWKV's kernel (path 'vrwkv'), built from DIR = a Vision-RWKV checkout's "
+                        'classification/mmcls_custom/models/backbones/cuda_new (bi_wkv.cpp, bi_wkv_kernel.cu)')
     p.add_argument('--out', default=None)
 
 
@@ -231,16 +235,75 @@ def measure_copy_bandwidth(torch, nbytes=2 ** 30, repeats=10):
     return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9
 
 
+def empty_wkv(torch):
+    """What any custom autograd op pays on this host before its kernels: bi_wkv's allocations (y, log Z; gk, gv and
+    the gw, gu partial sums), no launch."""
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, u, k, v):
+            y = torch.empty_like(k)
+            ctx.save_for_backward(w, u, k, v, y, torch.empty_like(k))
+            return y
+
+        @staticmethod
+        def backward(ctx, gy):
+            k = ctx.saved_tensors[2]
+            gw, gu = k.new_empty(2, k.shape[2])
+            return gw, gu, torch.empty_like(k), torch.empty_like(k)
+
+    return Empty.apply
+
+
+def vision_rwkv_wkv(torch, folder):
+    """Vision-RWKV's Bi-WKV4 (OpenGVLab/Vision-RWKV, cuda_new/) as its vrwkv.py calls it: the caller divides w, u by
+    T; float32. Built with torch.utils.cpp_extension (nvcc, ninja) from a copy of its two files with two build fixes
+    for current torch: the removed THC/THCAtomics.cuh header -> ATen/cuda/Atomic.cuh, k.type() -> k.scalar_type()
+    in its dispatch. Its compile flags as in vrwkv.py, for this GPU's architecture."""
+    import shutil
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+    names = ('bi_wkv.cpp', 'bi_wkv_kernel.cu')
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise SystemExit(f'--vrwkv: {folder} lacks {", ".join(missing)} (expected Vision-RWKV\'s '
+                         'classification/mmcls_custom/models/backbones/cuda_new)')
+    build = tempfile.mkdtemp(prefix='vrwkv_')
+    shutil.copy(os.path.join(folder, names[0]), build)
+    with open(os.path.join(folder, names[1])) as f:
+        source = f.read().replace('<THC/THCAtomics.cuh>', '<ATen/cuda/Atomic.cuh>').replace(
+            'AT_DISPATCH_FLOATING_TYPES(k.type(),', 'AT_DISPATCH_FLOATING_TYPES(k.scalar_type(),')
+    with open(os.path.join(build, names[1]), 'w') as f:
+        f.write(source)
+    ext = load(name='vision_rwkv_bi_wkv', sources=[os.path.join(build, n) for n in names], build_directory=build,
+               extra_cuda_cflags=['-res-usage', '--maxrregcount 60', '--use_fast_math', '-O3', '-Xptxas -O3'])
+
+    class WKV(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, u, k, v):
+            ctx.save_for_backward(w, u, k, v)
+            return ext.bi_wkv_forward(w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous())
+
+        @staticmethod
+        def backward(ctx, gy):
+            return tuple(ext.bi_wkv_backward(*ctx.saved_tensors, gy.contiguous()))
+
+    return lambda w, u, k, v: WKV.apply(w / k.shape[1], u / k.shape[1], k, v)
+
+
 def time_wkv_paths(torch, fns, inputs, gy, repeats):
     """Wall time as a user meets it: fwd ms and fwd+bwd ms of single calls, a synchronize after the forward and after
-    the backward, host work included. The paths take turns call by call (paired), round 0 warms up (and compiles);
-    medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to back, as a training loop queues
-    them, so the host's launch work overlaps the kernels."""
+    the backward, host work included. The paths take turns call by call (paired), each round starting one path
+    later: with a fixed order 'auto', first in every round, measured 17-21% slower than 'split', the same kernels.
+    Round 0 warms up (and compiles); medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to
+    back, as a training loop queues them, so the host's launch work overlaps the kernels."""
     import statistics
     import time
     fwd, both = {n: [] for n in fns}, {n: [] for n in fns}
+    names = list(fns)
     for i in range(repeats + 1):
-        for name, fn in fns.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = fns[name]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             y = fn(*inputs)
@@ -280,7 +343,7 @@ def run_wkv(args):
     if not torch.cuda.is_available():
         raise SystemExit('bench wkv needs a CUDA device')
     paths = {'auto': hpcm.bi_wkv, 'naive': hpcm.bi_wkv_naive, 'split': hpcm.bi_wkv_split, 'cuda': hpcm.bi_wkv_cuda,
-             'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense}
+             'scan': hpcm.bi_wkv_scan, 'dense': hpcm.bi_wkv_dense, 'empty': empty_wkv(torch)}
     chosen = args.paths.split(',')
     unknown = set(chosen) - set(paths)
     if unknown:
@@ -294,6 +357,9 @@ def run_wkv(args):
         raise SystemExit(f'--small: expected BxCxT,..., --sizes BxC,... and --lengths T,...; got {args.small!r}, '
                          f'{args.sizes!r}, {args.lengths!r}')
     os.environ.pop('HPCM_WKV', None)  # 'auto' is bi_wkv's own choice
+    if args.vrwkv:
+        paths['vrwkv'] = vision_rwkv_wkv(torch, args.vrwkv)
+        chosen.append('vrwkv')
     copy_gbs = measure_copy_bandwidth(torch)
     print(f'copy bandwidth {copy_gbs:.0f} GB/s; codec rows: the kernel paths timed paired (turn by turn)')
     rows = []
@@ -304,7 +370,7 @@ def run_wkv(args):
         k = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
         v = torch.randn(B, T, C, device='cuda', generator=gen).requires_grad_()
         gy = torch.randn(B, T, C, device='cuda', generator=gen)
-        kernels = {n: paths[n] for n in chosen if n in ('auto', 'naive', 'split', 'cuda')}
+        kernels = {n: paths[n] for n in chosen if n in ('auto', 'naive', 'split', 'cuda', 'vrwkv', 'empty')}
         others = {n: paths[n] for n in chosen if (n == 'scan' and B * T * C <= args.scan_max_elems)
                   or (n == 'dense' and T <= args.dense_max_T)}
         times = time_wkv_paths(torch, kernels, [w, u, k, v], gy, args.repeats) if kernels else {}

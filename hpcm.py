@@ -250,7 +250,7 @@ def bi_wkv_scan(w, u, k, v):
 
 # The CUDA kernels (wkv_kernel.cu, compiled by cupy on first use). They take the raw w, u and divide by T themselves,
 # and launch on torch's current stream without synchronising. The naive kernels (one thread per (b, c) walks the
-# row) and the split-row ones (the row cut into _WKV_NS pieces, one thread a piece, one block a row tile) take one
+# row) and the split-row ones (the row cut into 16 to 64 pieces, one thread a piece, one block a row tile) take one
 # launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again from their
 # incoming states), or one where the row is a single chunk.
 _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
@@ -258,12 +258,14 @@ _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernel
 # apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block (the split kernels' pieces a row),
 # channels per block
 _WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
+_WKV_SPLIT_PIECES = (16, 32, 64)  # the split kernels' pieces a row P, compiled each with W = 512 / P channels a block
 _WKV_NAIVE_THREADS = 32  # threads per block of the naive kernels: one warp, so short rows spread over many SMs
 
 
 def _wkv_kernels(dtype, device_index, pass_):
-    """pass_ 'fwd' or 'bwd': its naive kernel ('naive'), split-row kernel ('split') and its chunk summaries ('sum'),
-    carry pass ('carry') and apply ('apply') kernels, compiled with that pass's tokens per thread."""
+    """pass_ 'fwd' or 'bwd': its naive kernel ('naive'), split-row kernels ('split16', 'split32', 'split64': P pieces a
+    row) and its chunk summaries ('sum'), carry pass ('carry') and apply ('apply') kernels, compiled with that pass's
+    tokens per thread."""
     import cupy
     name = {torch.float32: 'float', torch.float64: 'double'}[dtype]
     key = (name, device_index, pass_, _WKV_LT[pass_], _WKV_NS)
@@ -271,7 +273,8 @@ def _wkv_kernels(dtype, device_index, pass_):
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'wkv_kernel.cu')) as f:
             source = f.read()
         chunk = {'fwd': 'wkv_forward', 'bwd': 'wkv_backward'}[pass_]
-        kernels = {'naive': f'{chunk}_naive<{name}>', 'split': f'{chunk}_split<{name}>',
+        kernels = {'naive': f'{chunk}_naive<{name}>',
+                   **{f'split{P}': f'{chunk}_split<{name}, {512 // P}, {P}>' for P in _WKV_SPLIT_PIECES},
                    'sum': f'{chunk}<{name}, false>', 'apply': f'{chunk}<{name}, true>',
                    'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
         options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
@@ -314,6 +317,14 @@ def _wkv_grid(B, T, C, pass_):
     return nchunk, (nchunk * -(-C // _WKV_CW), B), (_WKV_CW, _WKV_NS), (-(-2 * B * C // 256),)
 
 
+def _wkv_split_pieces(T):
+    """The split kernels' pieces a row for rows of T tokens: pieces of about 8 tokens, P a power of two in 16..64.
+    GPU time fwd+bwd on an H200 (CUDA events around back-to-back launches) for P = 32 / 64: (1, 640, 1024) 63 / 50
+    us, (8, 256, 1024) 96 / 96 us; for P = 16 / 32 / 64 at (8, 640, 256): 69 / 55 / 74 us."""
+    P = 1 << (max(T // 8, 1).bit_length() - 1)
+    return min(max(P, _WKV_SPLIT_PIECES[0]), _WKV_SPLIT_PIECES[-1])
+
+
 def _wkv_pass(pass_, kind, k, w, states, args):
     """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. kind 'naive': one launch, a thread per (b, c); 'split': one
     launch, a block of (channels, pieces) per row tile; 'chunked': their chunks' summaries, the carry pass over them,
@@ -325,7 +336,8 @@ def _wkv_pass(pass_, kind, k, w, states, args):
         _launch(k.device, (kern['naive'], (-(-B * C // _WKV_NAIVE_THREADS),), (_WKV_NAIVE_THREADS,), args))
         return
     if kind == 'split':
-        _launch(k.device, (kern['split'], (-(-C // _WKV_CW) * B,), (_WKV_CW, _WKV_NS), args))
+        P = _wkv_split_pieces(T)
+        _launch(k.device, (kern[f'split{P}'], (-(-C // (512 // P)) * B,), (512 // P, P), args))
         return
     _, grid, threads, carry_grid = _wkv_grid(B, T, C, pass_)
     apply = (kern['apply'], grid, threads, args)
@@ -365,13 +377,12 @@ class _BiWKVCuda(torch.autograd.Function):
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         chunked = ctx.kind == 'chunked'
         nchunk = _wkv_grid(B, T, C, 'bwd')[0] if chunked else 1
-        parts = (C,) if B * nchunk == 1 else (B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
-        gw, gu = k.new_empty(parts), k.new_empty(parts)
+        parts = k.new_empty(2, B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
+        gw, gu = parts
         states = k.new_empty(B, nchunk, 2, 6, C) if nchunk > 1 else None  # r, n, a, b, a2, b2
         head = (B, T, C, w, u, k, v, y, log_z, gy) + ((states,) if chunked else ())
         _wkv_pass('bwd', ctx.kind, k, w, states, (*head, gk, gv, gw, gu))
-        if B * nchunk > 1:
-            gw, gu = gw.sum(0), gu.sum(0)
+        gw, gu = parts.sum(1) if B * nchunk > 1 else parts[:, 0]  # one reduction for both
         return gw, gu, gk, gv, None
 
 
@@ -406,7 +417,8 @@ def bi_wkv_naive(w, u, k, v):
 
 
 def bi_wkv_split(w, u, k, v):
-    """The naive kernels' walks with each row cut into _WKV_NS pieces, one thread a piece, one launch a pass (float32
+    """The naive kernels' walks with each row cut into P pieces (_wkv_split_pieces), one thread a piece, one launch a
+    pass (float32
     or float64 CUDA tensors, cupy installed): bi_wkv takes them for short rows, where they are the faster kernels."""
     return _bi_wkv_kernel(w, u, k, v, 'split')
 

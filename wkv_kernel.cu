@@ -2,7 +2,7 @@
 //   0. the running-maximum state every kernel here uses (St, merge, push),
 //   1. the naive kernels: one thread per (b, c) walks its row right to left, then left to right, forward and
 //      backward; one launch a pass,
-//   2. split rows: the same walks with each row cut into NS pieces, one thread a piece, the pieces joined by a scan
+//   2. split rows: the same walks with each row cut into P pieces, one thread a piece, the pieces joined by a scan
 //      in shared memory; still one launch a pass, the faster kernels for short rows (hpcm.bi_wkv's choice),
 //   3. the chunked kernels: the walks cut into chunks of BL tokens, so that B * C * T / 8 threads share a row;
 //      three launches a pass (summaries, carries, apply); fwd+bwd 11x faster than Vision-RWKV's kernel at
@@ -48,7 +48,7 @@
 #endif
 #define BL (LT * NS)
 static_assert(CW == 32, "a block row of channels is one warp, one lane per channel");
-static_assert(NS >= 2, "block_scan walks the two directions with warps 0 and 1");
+static_assert(NS >= 2, "block_scan walks the two directions with pieces 0 and 1");
 static_assert(12 * NS * CW * sizeof(double) <= 48 * 1024, "wkv_backward<double>'s shared memory exceeds 48 KiB");
 
 // ================================================================================================================
@@ -120,18 +120,19 @@ template <typename F> __device__ __forceinline__ F nstar(bool far, int t, int T)
 // The walks are written for a piece t0..t1-1 of a row that enters with the sums of the rest of the row (section 2
 // splits rows into pieces); here the piece is the whole row and the sums entering it are empty.
 
-// Calls step(t, load(t)) for t = t0..t1-1 (t1-1..t0 when REVERSE), loading NAIVE_TB tokens before stepping through
-// them: a thread walks its row alone, and this keeps NAIVE_TB of its loads in flight instead of one.
+// Calls step(t, load(t)) for t = t0..t1-1 (t1-1..t0 when REVERSE), loading TB tokens before stepping through
+// them: a naive thread walks its row alone, and NAIVE_TB = 8 keeps 8 of its loads in flight instead of one (the split
+// kernels, with many threads a row, take 2: section 2).
 #define NAIVE_TB 8
-template <bool REVERSE, typename Load, typename Step>
+template <bool REVERSE, int TB, typename Load, typename Step>
 __device__ __forceinline__ void walk(int t0, int t1, Load load, Step step) {
-    for (int i0 = 0; i0 < t1 - t0; i0 += NAIVE_TB) {
-        decltype(load(0)) x[NAIVE_TB];
+    for (int i0 = 0; i0 < t1 - t0; i0 += TB) {
+        decltype(load(0)) x[TB];
 #pragma unroll
-        for (int j = 0; j < NAIVE_TB; ++j)
+        for (int j = 0; j < TB; ++j)
             if (i0 + j < t1 - t0) x[j] = load(REVERSE ? t1 - 1 - (i0 + j) : t0 + i0 + j);
 #pragma unroll
-        for (int j = 0; j < NAIVE_TB; ++j)
+        for (int j = 0; j < TB; ++j)
             if (i0 + j < t1 - t0) step(REVERSE ? t1 - 1 - (i0 + j) : t0 + i0 + j, x[j]);
     }
 }
@@ -149,17 +150,17 @@ template <typename F> __device__ __forceinline__ void log_mean(St<F> s, F w, F r
 // each token from the right are parked in y and log Z as (mean, log2 den); left to right, y_t is the mean of the
 // left side's mean, the right side's and v_t, weighted by their denominators and the bonus e^{u + k_t};
 // log2 Z_t = log2 of the sum of those three weights (written relative to nstar_t, as every exponent at token t).
-template <typename F>
+template <typename F, int TB = NAIVE_TB>
 __device__ __forceinline__ void forward_walks(int t0, int t1, int T, int C, F w, F u, F k0, const F *k, const F *v,
                                               F *y, F *logz, St<F> fw, St<F> rv) {
     const bool far = far_ref(w, T);
     struct Token { F key, v, mean, logden; };  // key and value; the right side's sums, parked
-    walk<true>(t0, t1, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
+    walk<true, TB>(t0, t1, [&](int t) { return Token{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C]}; },
                [&](int t, Token x) {
                    log_mean(rv, w, nstar<F>(far, t, T), logz[(long long)t * C], y[(long long)t * C]);
                    push<F, false>(rv, w, x.key, x.v, F(1));
                });
-    walk<false>(t0, t1, [&](int t) {
+    walk<false, TB>(t0, t1, [&](int t) {
         const long long o = (long long)t * C;
         return Token{(k[o] - k0) * F(L2E), v[o], y[o], logz[o]};
     }, [&](int t, Token x) {
@@ -190,7 +191,7 @@ __global__ void wkv_forward_naive(int B, int T, int C, const F *__restrict__ w_,
 // tokens left of t0 (fw) and right of t1 - 1 (rv): right to left, each token's share of gk, gv from the sums entering
 // it from the right is parked in gk, gv; left to right, the left side's share and the bonus term's are added. e is
 // e^{k_t} times the state's scale; the row's sums for gw, gu (before the division by T) are added to gw, gu.
-template <typename F>
+template <typename F, int TB = NAIVE_TB>
 __device__ __forceinline__ void backward_walks(int t0, int t1, int T, int C, F w, F u, F k0, const F *k, const F *v,
                                                const F *y, const F *logz, const F *gy, F *gk, F *gv, St<F> fw,
                                                St<F> rv, F &gw, F &gu) {
@@ -201,14 +202,14 @@ __device__ __forceinline__ void backward_walks(int t0, int t1, int T, int C, F w
         const long long o = (long long)t * C;
         return Token{(k[o] - k0) * F(L2E), v[o], y[o], -logz[o], gy[o], parked ? gk[o] : F(0), parked ? gv[o] : F(0)};
     };
-    walk<true>(t0, t1, [&](int t) { return load(t, false); }, [&](int t, Token x) {
+    walk<true, TB>(t0, t1, [&](int t) { return load(t, false); }, [&](int t, Token x) {
         const F e = ex(x.key + expo(rv, w));
         gk[(long long)t * C] = e * fma(x.v, rv.a, -rv.b);
         gv[(long long)t * C] = e * rv.a;
         gw = fma(e, fma(x.v, rv.a2, -rv.b2), gw);
         push<F, true>(rv, w, x.kappa, x.gy, x.gy * x.y, -nstar<F>(far, t, T));
     });
-    walk<false>(t0, t1, [&](int t) { return load(t, true); }, [&](int t, Token x) {
+    walk<false, TB>(t0, t1, [&](int t) { return load(t, true); }, [&](int t, Token x) {
         const F ns = nstar<F>(far, t, T), e = ex(x.key + expo(fw, w));
         const F eb = ex(fma(ns, w, u + x.key + x.kappa)) * x.gy, vy = eb * (x.v - x.y);  // the bonus: e^{u+k_t} q_t
         gk[(long long)t * C] = x.gk + fma(e, fma(x.v, fw.a, -fw.b), vy);
@@ -237,12 +238,18 @@ __global__ void wkv_backward_naive(int B, int T, int C, const F *__restrict__ w_
 }
 
 // ================================================================================================================
-// 2. Split rows: section 1's walks with each row cut into NS pieces of ceil(T / NS) tokens, one thread a piece, and
-// a block of (CW channels, NS pieces) a row tile: grid ceil(C / CW) B blocks of CW NS threads. A thread sums its
+// 2. Split rows: section 1's walks with each row cut into P pieces of ceil(T / P) tokens, one thread a piece, and
+// a block of (W channels, P pieces) a row tile: grid ceil(C / W) B blocks of W P = 512 threads. A thread sums its
 // piece both ways (the piece's two summaries); block_scan turns the block's summaries into the sums entering every
 // piece from the left and from the right; then the thread walks its piece as section 1's thread walks its row.
-// One launch a pass, like section 1, with NS times its threads: the faster kernels for short rows (hpcm.bi_wkv's
-// choice); for long rows a thread's piece gets long and section 3's chunks win.
+// One launch a pass, like section 1, with P times its threads: the faster kernels for short rows (hpcm.bi_wkv's
+// choice); for long rows a thread's piece gets long and section 3's chunks win. hpcm.py picks P from T (16, 32 or 64:
+// pieces of about 8 tokens) and W = 512 / P: more pieces a row and fewer channels a block spread a few long rows
+// over more SMs. Two blocks an SM (64 registers a thread) with a prefetch of 2 tokens a walk (no spills): at
+// (B, C, T) = (8, 256, 1024) 96 us GPU time fwd+bwd where 32 channels x 16 pieces, one block an SM, took 154 us
+// (H200, torch.profiler's kernel times).
+#define SPLIT_TB 2
+#define SPLIT_BLOCKS 2
 
 // a state's NV = 4 (or 6 with D) values, `stride` elements apart
 template <typename F, bool D> __device__ __forceinline__ St<F> get_state(const F *p, int stride) {
@@ -264,26 +271,27 @@ template <typename F, bool D> __device__ __forceinline__ void put_state(F *p, in
     }
 }
 
-// The block scan, for a block of (CW channels, NS pieces) whose piece i holds len(i) tokens: every piece's two
-// summaries go to shared memory; warp 0 walks them left to right and warp 1 right to left (CW channels each, one per
-// lane), replacing each by the state entering that piece, starting from the states entering the block's tokens
-// (cf, cr). A serial walk: NS merges per direction (a parallel Hillis-Steele scan does NS log2(NS); the two were
-// not timed against each other). On return fw, rv are the states entering this thread's piece; warp 0 holds the
-// block's forward summary in tf, warp 1 the reverse in tr. sh: [2][NV][NS][CW] scratch, NV = 6 (D) or 4.
-template <typename F, bool D, typename Len>
+// The block scan, for a block of (W channels, P pieces) whose piece i holds len(i) tokens: every piece's two
+// summaries go to shared memory; the threads of piece 0 walk them left to right and those of piece 1 right to left
+// (one thread a channel), replacing each by the state entering that piece, starting from the states entering the
+// block's tokens (cf, cr). A serial walk: P merges per direction (a parallel Hillis-Steele scan does P log2(P); the
+// two were not timed against each other). On return fw, rv are the states entering this thread's piece; the threads
+// of piece 0 hold the block's forward summary in tf, those of piece 1 the reverse in tr. sh: [2][NV][P][W] scratch,
+// NV = 6 (D) or 4.
+template <typename F, bool D, int W, int P, typename Len>
 __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, Len len, F *sh, St<F> &tf, St<F> &tr) {
     constexpr int NV = D ? 6 : 4;
     const int s = threadIdx.y, c = threadIdx.x;
-    auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW, q); };
-    auto get = [&](int dir, int i) { return get_state<F, D>(sh + ((dir * NV) * NS + i) * CW + c, NS * CW); };
+    auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * P + i) * W + c, P * W, q); };
+    auto get = [&](int dir, int i) { return get_state<F, D>(sh + ((dir * NV) * P + i) * W + c, P * W); };
     put(0, s, fw);
     put(1, s, rv);
     __syncthreads();
     if (s < 2) {
         const int dir = s;
         St<F> run = dir ? cr : cf;
-        for (int j = 0; j < NS; ++j) {
-            const int i = dir ? NS - 1 - j : j;
+        for (int j = 0; j < P; ++j) {
+            const int i = dir ? P - 1 - j : j;
             St<F> own = get(dir, i);
             put(dir, i, run);
             run = merge<F, D>(run, F(len(i)), own, w);
@@ -296,25 +304,25 @@ __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, Len le
     __syncthreads();
 }
 
-// The block's per-thread sums of gw, gu added per channel (sh: [2][NS][CW], free), written for the raw w, u
+// The block's per-thread sums of gw, gu added per channel (sh: [2][P][W], free), written for the raw w, u
 // (divided by T) at gw_[at], gu_[at] by the threads of piece 0.
-template <typename F>
+template <typename F, int W, int P>
 __device__ __forceinline__ void block_sums(F *sh, F gw, F gu, bool live, int T, F *gw_, F *gu_, long long at) {
-    sh[threadIdx.y * CW + threadIdx.x] = gw;
-    sh[(NS + threadIdx.y) * CW + threadIdx.x] = gu;
+    sh[threadIdx.y * W + threadIdx.x] = gw;
+    sh[(P + threadIdx.y) * W + threadIdx.x] = gu;
     __syncthreads();
     if (threadIdx.y == 0 && live) {
         F sw = 0, su = 0;
-        for (int i = 0; i < NS; ++i) {
-            sw += sh[i * CW + threadIdx.x];
-            su += sh[(NS + i) * CW + threadIdx.x];
+        for (int i = 0; i < P; ++i) {
+            sw += sh[i * W + threadIdx.x];
+            su += sh[(P + i) * W + threadIdx.x];
         }
         gw_[at] = dv(-sw, F(T));
         gu_[at] = dv(su, F(T));
     }
 }
 
-// thread (x, s) of block b ceil(C / CW) + channel tile: channel c, tokens t0..t1-1 (piece s); o is the offset of
+// thread (x, s) of block b ceil(C / W) + channel tile: channel c, tokens t0..t1-1 (piece s); o is the offset of
 // the row's token 0 in a (B, T, C) tensor
 struct Piece {
     int b, c, T, L, t0, t1;
@@ -323,13 +331,13 @@ struct Piece {
     __device__ int len(int i) const { return max(0, min(L, T - i * L)); }  // tokens of piece i
 };
 
-__device__ __forceinline__ Piece piece(int T, int C) {
+template <int W, int P> __device__ __forceinline__ Piece piece(int T, int C) {
     Piece q;
-    const int ctiles = (C + CW - 1) / CW;
+    const int ctiles = (C + W - 1) / W;
     q.b = blockIdx.x / ctiles;
-    q.c = (blockIdx.x - q.b * ctiles) * CW + threadIdx.x;
+    q.c = (blockIdx.x - q.b * ctiles) * W + threadIdx.x;
     q.T = T;
-    q.L = (T + NS - 1) / NS;
+    q.L = (T + P - 1) / P;
     q.t0 = min(T, int(threadIdx.y) * q.L);
     q.t1 = min(T, q.t0 + q.L);
     q.live = q.c < C;
@@ -341,55 +349,56 @@ __device__ __forceinline__ Piece piece(int T, int C) {
 // token after it (fw) and from the token before it (rv), in one walk left to right: fw takes each token as push does,
 // rv takes it as a term d = t - t0 tokens further away than the piece's first token (as pushing right to left would).
 template <typename F> struct Term { F key, a, b, n0; };
-template <typename F, bool D, typename Load>
+template <typename F, bool D, int TB, typename Load>
 __device__ __forceinline__ void summaries(const Piece &q, F w, Load load, St<F> &fw, St<F> &rv) {
     fw = rv = empty<F>();
     if (!q.live) return;
-    walk<false>(q.t0, q.t1, load, [&](int t, Term<F> x) {
+    walk<false, TB>(q.t0, q.t1, load, [&](int t, Term<F> x) {
         push<F, D>(fw, w, x.key, x.a, x.b, x.n0);
         const F d = F(t - q.t0);
         rv = merge<F, D>(rv, F(0), St<F>{x.key, x.n0 + d, x.a, x.b, d * x.a, d * x.b}, w);
     });
 }
 
-template <typename F>
-__global__ void __launch_bounds__(CW * NS)
+template <typename F, int W, int P>
+__global__ void __launch_bounds__(W * P, SPLIT_BLOCKS)
 wkv_forward_split(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
                   const F *__restrict__ v_, F *__restrict__ y_, F *__restrict__ logz_) {
-    __shared__ F sh[8 * NS * CW];
-    const Piece q = piece(T, C);
+    __shared__ F sh[8 * P * W];
+    const Piece q = piece<W, P>(T, C);
     const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
     const F *k = k_ + q.o, *v = v_ + q.o, k0 = q.live ? k[0] : F(0);
     St<F> fw, rv, tf, tr;
-    summaries<F, false>(q, w, [&](int t) {
+    summaries<F, false, SPLIT_TB>(q, w, [&](int t) {
         return Term<F>{(k[(long long)t * C] - k0) * F(L2E), v[(long long)t * C], F(1), F(0)};
     }, fw, rv);
-    block_scan<F, false>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
-    if (q.live) forward_walks(q.t0, q.t1, T, C, w, u, k0, k, v, y_ + q.o, logz_ + q.o, fw, rv);
+    block_scan<F, false, W, P>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
+    if (q.live) forward_walks<F, SPLIT_TB>(q.t0, q.t1, T, C, w, u, k0, k, v, y_ + q.o, logz_ + q.o, fw, rv);
 }
 
 // gw, gu go to (B, C) partial sums, as from the naive kernel
-template <typename F>
-__global__ void __launch_bounds__(CW * NS)
+template <typename F, int W, int P>
+__global__ void __launch_bounds__(W * P, SPLIT_BLOCKS)
 wkv_backward_split(int B, int T, int C, const F *__restrict__ w_, const F *__restrict__ u_, const F *__restrict__ k_,
                    const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
                    const F *__restrict__ gy_, F *__restrict__ gk_, F *__restrict__ gv_, F *__restrict__ gw_,
                    F *__restrict__ gu_) {
-    __shared__ F sh[12 * NS * CW];
-    const Piece q = piece(T, C);
+    __shared__ F sh[12 * P * W];
+    const Piece q = piece<W, P>(T, C);
     const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
     const F *k = k_ + q.o, *y = y_ + q.o, *logz = logz_ + q.o, *gy = gy_ + q.o, k0 = q.live ? k[0] : F(0);
     const bool far = far_ref(w, T);
     St<F> fw, rv, tf, tr;
-    summaries<F, true>(q, w, [&](int t) {
+    summaries<F, true, SPLIT_TB>(q, w, [&](int t) {
         const long long o = (long long)t * C;
         return Term<F>{-logz[o], gy[o], gy[o] * y[o], -nstar<F>(far, t, T)};
     }, fw, rv);
-    block_scan<F, true>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
+    block_scan<F, true, W, P>(fw, rv, empty<F>(), empty<F>(), w, [&](int i) { return q.len(i); }, sh, tf, tr);
     F gw = 0, gu = 0;
     if (q.live)
-        backward_walks(q.t0, q.t1, T, C, w, u, k0, k, v_ + q.o, y, logz, gy, gk_ + q.o, gv_ + q.o, fw, rv, gw, gu);
-    block_sums(sh, gw, gu, q.live, T, gw_, gu_, (long long)q.b * C + q.c);
+        backward_walks<F, SPLIT_TB>(q.t0, q.t1, T, C, w, u, k0, k, v_ + q.o, y, logz, gy, gk_ + q.o, gv_ + q.o, fw, rv,
+                                    gw, gu);
+    block_sums<F, W, P>(sh, gw, gu, q.live, T, gw_, gu_, (long long)q.b * C + q.c);
 }
 
 // ================================================================================================================
@@ -483,7 +492,8 @@ __device__ __forceinline__ void chunk_scan(const F *key, const F *va, const F *v
         cf = load_state<F, D>(carries, q.row, 0, C, q.c);
         cr = load_state<F, D>(carries, q.row, 1, C, q.c);
     }
-    block_scan<F, D>(fw, rv, cf, cr, w, [&](int i) { return max(0, min(LT, T - (q.cs + i * LT))); }, sh, tf, tr);
+    block_scan<F, D, CW, NS>(fw, rv, cf, cr, w, [&](int i) { return max(0, min(LT, T - (q.cs + i * LT))); }, sh, tf,
+                             tr);
     if (totals && q.s < 2 && q.live)
         store_state<F, D>(totals, q.row, q.s, C, q.c, q.s ? tr : tf);
 }
@@ -656,7 +666,7 @@ wkv_backward(int B, int T, int C, const F *__restrict__ w_, const F *__restrict_
                 push<F, true>(st, w, ka[p], gg[p], gg[p] * yy[p], -ns(p));
             }
     }
-    block_sums(sh, gw, gu, q.live, T, gw_, gu_, q.row * C + q.c);  // sh is free again after chunk_scan
+    block_sums<F, CW, NS>(sh, gw, gu, q.live, T, gw_, gu_, q.row * C + q.c);  // sh is free again after chunk_scan
 }
 
 // ================================================================================================================
