@@ -294,8 +294,7 @@ def vision_rwkv_wkv(torch, folder):
 def time_wkv_paths(torch, fns, inputs, gy, repeats):
     """Wall time as a user meets it: fwd ms and fwd+bwd ms of single calls, a synchronize after the forward and after
     the backward, host work included. The paths take turns call by call (paired), each round starting one path
-    later: with a fixed order 'auto', first in every round, measured 17-21% slower than 'split', the same kernels.
-    Round 0 warms up (and compiles); medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to
+    later, so that no path is always first; round 0 warms up (and compiles); medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to
     back, as a training loop queues them, so the host's launch work overlaps the kernels."""
     import statistics
     import time
