@@ -254,9 +254,9 @@ def bi_wkv_scan(w, u, k, v):
 # launch a pass; the chunked ones three (chunk summaries, a carry pass over chunks, the chunks again from their
 # incoming states), or one where the row is a single chunk.
 _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernels
-# tokens per thread per pass (the backward holds seven values a token where the forward holds five: with 8 tokens its
-# apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block (the split kernels' pieces a row),
-# channels per block
+# the chunked kernels' tokens per thread per pass (the backward holds seven values a token where the forward holds
+# five: with 8 tokens its apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block, channels per
+# block
 _WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
 _WKV_SPLIT_PIECES = (16, 32, 64)  # the split kernels' pieces a row P, compiled each with W = 512 / P channels a block
 _WKV_NAIVE_THREADS = 32  # threads per block of the naive kernels: one warp, so short rows spread over many SMs
@@ -418,8 +418,8 @@ def bi_wkv_naive(w, u, k, v):
 
 def bi_wkv_split(w, u, k, v):
     """The naive kernels' walks with each row cut into P pieces (_wkv_split_pieces), one thread a piece, one launch a
-    pass (float32
-    or float64 CUDA tensors, cupy installed): bi_wkv takes them for short rows, where they are the faster kernels."""
+    pass (float32 or float64 CUDA tensors, cupy installed): bi_wkv takes them for short rows, where they are the
+    faster kernels."""
     return _bi_wkv_kernel(w, u, k, v, 'split')
 
 

@@ -1985,6 +1985,13 @@ def test_wkv_three_paths_agree_and_gradcheck():
             assert torch.equal(fn(*inputs[:4]), got[p][0])
 
 
+def test_wkv_split_pieces_hold_about_8_tokens_16_to_64_a_row():
+    """The split kernels' pieces a row by T, a hand-made table: the largest power of two P <= T / 8, within 16..64."""
+    table = {1: 16, 64: 16, 255: 16, 256: 32, 300: 32, 511: 32, 512: 64, 1000: 64, 1024: 64, 16384: 64}
+    assert {T: hpcm._wkv_split_pieces(T) for T in table} == table
+    assert all(P in hpcm._WKV_SPLIT_PIECES for P in table.values())
+
+
 @needs_cupy[0]
 @needs_cupy[1]
 def test_wkv_default_path_on_cuda_is_split_for_short_rows_else_chunked(monkeypatch):
