@@ -144,7 +144,7 @@ def test_train_checkpoint_atomic_when_crashing_before_rename(tmp_path, monkeypat
     assert os.listdir(tmp_path) == ['ckpt.pt']
 
 
-def test_train_resume_restores_step_params_and_optimizer(tmp_path):
+def test_train_resume_restores_step_params_and_optimizer(tmp_path, capsys):
     path = str(tmp_path / 'ckpt.pt')
     params, opt = tiny_model()
     for _ in range(3):
@@ -152,7 +152,7 @@ def test_train_resume_restores_step_params_and_optimizer(tmp_path):
         (params['layer']['w'].sum() ** 2 + params['layer']['b'].square().sum()).backward()
         opt.step()
     train.save_checkpoint(path, {'params': params, 'buffers': {}, 'opt': opt.state_dict(), 'step': 3,
-                                 'args': {'width': 4}})
+                                 'args': {'width': 4, 'lr': 1e-2}})
     fresh, fresh_opt = tiny_model()
     payload = train.load_checkpoint(path, fresh, {}, fresh_opt)
     assert payload['step'] == 3
@@ -161,6 +161,18 @@ def test_train_resume_restores_step_params_and_optimizer(tmp_path):
     saved_state, loaded_state = opt.state_dict()['state'], fresh_opt.state_dict()['state']
     for k in saved_state:
         assert torch.equal(saved_state[k]['exp_avg'], loaded_state[k]['exp_avg'])
+    assert capsys.readouterr().out == ''
+    # a resumed run's own --lr and weight decay replace the checkpoint's; the moments stay the checkpoint's
+    class NewLr:
+        lr, weight_decay = 0.5, 0.25
+    fresh, fresh_opt = tiny_model()
+    for group in fresh_opt.param_groups:
+        group['lr'], group['weight_decay'] = NewLr.lr, NewLr.weight_decay
+    train.load_checkpoint(path, fresh, {}, fresh_opt, NewLr())
+    assert all(g['lr'] == 0.5 and g['weight_decay'] == 0.25 for g in fresh_opt.param_groups)
+    for k in saved_state:
+        assert torch.equal(saved_state[k]['exp_avg'], fresh_opt.state_dict()['state'][k]['exp_avg'])
+    assert capsys.readouterr().out.endswith('resumed with --lr 0.5 (the checkpoint was trained with 0.01)\n')
     wrong = {'layer': {'w': torch.zeros(3, 5), 'b': torch.zeros(3)}}
     with pytest.raises(ValueError, match=r"'layer.w' has shape \(3, 4\)"):
         train.load_checkpoint(path, wrong)
@@ -2536,9 +2548,10 @@ def test_hpcm_train_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     train.main([*common, '--training_iterations', '2', '--eval_every', '2'])
     out = capsys.readouterr().out
     assert 'bpp_real' in out and os.path.exists(os.path.join(log_dir, 'recon_000002', 'generated_0.png'))
-    train.main([*common, '--training_iterations', '3', '--eval_every', '0', '--resume'])
+    train.main([*common, '--training_iterations', '3', '--eval_every', '0', '--resume', '--lr', '5e-05'])
     out = capsys.readouterr().out
     assert 'resumed' in out and 'step 3/3' in out
+    assert 'resumed with --lr 5e-05 (the checkpoint was trained with 0.0001)' in out
     train.main(['hpcm', '--device', 'cpu', '--eval', os.path.join(log_dir, 'ckpt.pt'), '--log_dir', log_dir,
                 '--eval_images', '1', '--eval_size', '64', '64'])
     row = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith('average')][0]

@@ -241,10 +241,20 @@ def load_checkpoint(path, params, buffers=None, opt=None, args=None, must_match=
     if buffers is not None:
         load_into(payload.get('buffers', {}), buffers, f'{path} buffers')
     if opt is not None and payload.get('opt') is not None:
+        # the checkpoint restores the optimizer's state (moments, step counts); this run's flags (--lr, layer-wise
+        # rates, --weight_decay) set its hyperparameters, so a resumed run can change them
+        ours = [{k: v for k, v in group.items() if k != 'params'} for group in opt.param_groups]
         try:
             opt.load_state_dict(payload['opt'])
         except (ValueError, KeyError, TypeError) as e:
             raise BadFile(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from None
+        for group, mine in zip(opt.param_groups, ours):
+            group.update(mine)
+        changed = [k for k in ('lr', 'weight_decay')
+                   if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+        if changed:
+            print(f'{path}: resumed with ' + ', '.join(f'--{k} {getattr(args, k)!r} (the checkpoint was trained with '
+                                                       f'{saved_args[k]!r})' for k in changed), flush=True)
     return payload
 
 
@@ -662,7 +672,7 @@ def cuda_graph_step(step_fn, warmup=3):
 def optimizer_mode(opt, cuda_graph, device):
     """Make AdamW capturable for a CUDA graph (step counters on the GPU, the learning rate a GPU tensor that
     set_lr fills in place, so the replayed graph reads the current value), or plain; also after loading a
-    checkpoint, whose param groups carry the saving run's mode."""
+    checkpoint, whose step counters are where the saving run kept them."""
     for group in opt.param_groups:
         group['capturable'] = cuda_graph
         lr = float(group['lr'])
