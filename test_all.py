@@ -2646,6 +2646,30 @@ def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
     assert ran.returncode == 0 and 'resumed' in ran.stdout and 'step 3/3' in ran.stdout, ran.stderr[-3000:]
 
 
+def test_hpcm_train_step_reports_the_mean_over_ranks_so_a_nan_on_one_rank_stops_all(monkeypatch):
+    """With 2 ranks the step's metrics are the ranks' mean: another rank's NaN loss reaches this rank at the same step
+    (so every rank raises Diverged there, none waits alone in the next step's all-reduce). The other rank is played
+    by all_reduce: it adds NaN, bpp 0.5, mse 0.25 to the metrics and this rank's own values to the gradients."""
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(lmbda=0.01, clip_max_norm=1.0)
+
+    def step(world):
+        torch.manual_seed(0)  # the same training noise
+        cfg, params = hpcm_tiny()
+        params = train.tree_to(params, 'cpu', requires_grad=True)
+        opt = torch.optim.Adam(train.tree_leaves(params), lr=1e-4)
+        return train.hpcm_train_step(params, opt, x, cfg, args, world)
+    alone = step(1)
+    other = torch.tensor([math.nan, 0.5, 0.25])
+    monkeypatch.setattr(torch.distributed, 'all_reduce',
+                        lambda t: t.add_(other) if t.numel() == 3 else t.mul_(2))
+    both = step(2)
+    assert math.isfinite(alone['loss']) and math.isnan(both['loss'])
+    assert math.isclose(both['bpp'], (alone['bpp'] + 0.5) / 2, rel_tol=1e-5)
+    with pytest.raises(train.Diverged):
+        train.check_finite_loss(1, both['loss'])
+
+
 def test_hpcm_bench_ms_ssim_against_window_loop():
     """One scale (a 16 x 15 image): the mean over every 11x11 window and channel of the SSIM formula with
     Gaussian weights, computed window by window; and MS-SSIM(x, x) = 1 at 5 scales."""

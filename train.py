@@ -1846,7 +1846,7 @@ def channels_last(tree):
 
 
 def hpcm_train_step(params, opt, x, cfg, args, world=1):
-    """One step in place -> {'loss', 'bpp', 'psnr'} (this rank's): forward with noise, RD loss, backward,
+    """One step in place -> {'loss', 'bpp', 'psnr'} (averaged over ranks): forward with noise, RD loss, backward,
     gradients averaged over ranks, clipping, Adam."""
     import hpcm
     x_hat, likelihoods, _ = hpcm.hpcm_forward(params, x, cfg, training=True)
@@ -1858,7 +1858,11 @@ def hpcm_train_step(params, opt, x, cfg, args, world=1):
     if args.clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_(leaves, args.clip_max_norm)
     opt.step()
-    loss, bpp, mse = torch.stack([out['loss'], out['bpp'], out['mse']]).tolist()
+    metrics = torch.stack([out['loss'], out['bpp'], out['mse']]).detach()
+    if world > 1:  # every rank sees the same loss: a NaN on one rank stops all of them at this step, where a rank
+        torch.distributed.all_reduce(metrics)  # stopping alone would leave the others waiting in the next all-reduce
+        metrics /= world
+    loss, bpp, mse = metrics.tolist()
     return {'loss': loss, 'bpp': bpp, 'psnr': 10 * math.log10(1 / max(mse, 1e-12))}
 
 
