@@ -3031,6 +3031,22 @@ def test_speed_batches_made_ahead_by_workers_equal_the_direct_ones():
 
 @needs_cuda[0]
 @needs_cuda[1]
+def test_ctm_cuda_graph_run_resumes_with_a_new_lr(tmp_path):
+    """A CUDA-graph run (capturable AdamW, the learning rate a GPU tensor) saves, then resumes with another --lr:
+    this run's rate is used (a line says so), the step counters come back to the GPU, training goes on finite."""
+    log_dir = str(tmp_path / 'run')
+    tiny = [*CTM_TINY[:-2], '--device', 'cuda', '--log_dir', log_dir]
+    first = run_train('ctm', *tiny, '--training_iterations', '3')
+    assert first.returncode == 0 and 'CUDA graph' in first.stdout, first.stderr[-3000:]
+    again = run_train('ctm', *tiny, '--training_iterations', '5', '--resume', '--lr', '5e-05')
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'resumed with --lr 5e-05' in again.stdout and 'step 5/5' in again.stdout
+    saved = torch.load(os.path.join(log_dir, 'ckpt.pt'), weights_only=False)
+    assert saved['step'] == 5 and all(torch.isfinite(t).all() for t in train.tree_leaves(saved['params']))
+
+
+@needs_cuda[0]
+@needs_cuda[1]
 @pytest.mark.parametrize('hyper, tick', [({}, 'paper'), (dict(hyper_layers='bottleneck', use_hyper_nlm=True), 'paper'),
                                          (dict(hyper_layers='bottleneck'), 'fused'), ({}, 'compiled'),
                                          (dict(hyper_layers='bottleneck'), 'compiled')])
