@@ -294,8 +294,9 @@ def vision_rwkv_wkv(torch, folder):
 def time_wkv_paths(torch, fns, inputs, gy, repeats):
     """Wall time as a user meets it: fwd ms and fwd+bwd ms of single calls, a synchronize after the forward and after
     the backward, host work included. The paths take turns call by call (paired), each round starting one path
-    later, so that no path is always first; round 0 warms up (and compiles); medians. Then gpu ms: CUDA events around `repeats` fwd+bwd calls queued back to
-    back, as a training loop queues them, so the host's launch work overlaps the kernels."""
+    later, so that no path is always first; round 0 warms up (and compiles); medians. Then gpu ms: CUDA events around
+    `repeats` fwd+bwd calls queued back to back, as a training loop queues them, so the host's launch work overlaps
+    the kernels."""
     import statistics
     import time
     fwd, both = {n: [] for n in fns}, {n: [] for n in fns}
@@ -333,7 +334,8 @@ def time_wkv_paths(torch, fns, inputs, gy, repeats):
 
 def run_wkv(args):
     """One row per (shape, path): the codec's short rows ('codec') first, then the long ones ('long'). The kernel
-    paths (auto, naive, split, cuda) are timed paired with `repeats` calls each, scan and dense with one call. GB/s
+    paths (auto, naive, split, cuda, and vrwkv and empty when asked) are timed paired with `repeats` calls each,
+    scan and dense with one call. GB/s
     and % of the copy bandwidth measured in the same run count only the minimal 8·B·T·C·4 bytes of fwd+bwd (k, v in
     and y out forward; k, v, gy in and gk, gv out backward) over gpu_ms."""
     import torch
@@ -386,7 +388,8 @@ def run_wkv(args):
 
 
 BENCHMARKS['wkv'] = (add_wkv_args, run_wkv,
-                     'Bi-WKV4 fwd+bwd: naive, split-row and chunked CUDA kernels vs torch scan vs dense')
+                     'Bi-WKV4 fwd+bwd: naive, split-row and chunked CUDA kernels vs torch scan vs dense (and '
+                     "Vision-RWKV's kernel with --vrwkv)")
 
 
 # ctm: training step time of the eager path against the CUDA-graph fast paths (paper ticks, fused ticks, compiled

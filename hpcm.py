@@ -258,7 +258,8 @@ _WKV_MODULES = {}  # (dtype name, device index, pass, LT, NS) -> compiled kernel
 # five: with 8 tokens its apply kernel spills 220 bytes a thread, with 6, 56), threads along T per block, channels per
 # block
 _WKV_LT, _WKV_NS, _WKV_CW = {'fwd': 8, 'bwd': 6}, 16, 32
-_WKV_SPLIT_PIECES = (16, 32, 64)  # the split kernels' pieces a row P, compiled each with W = 512 / P channels a block
+# the split kernels' pieces a row P, each compiled with W = _WKV_SPLIT_THREADS / P channels a block
+_WKV_SPLIT_PIECES, _WKV_SPLIT_THREADS = (16, 32, 64), 512
 _WKV_NAIVE_THREADS = 32  # threads per block of the naive kernels: one warp, so short rows spread over many SMs
 
 
@@ -274,7 +275,7 @@ def _wkv_kernels(dtype, device_index, pass_):
             source = f.read()
         chunk = {'fwd': 'wkv_forward', 'bwd': 'wkv_backward'}[pass_]
         kernels = {'naive': f'{chunk}_naive<{name}>',
-                   **{f'split{P}': f'{chunk}_split<{name}, {512 // P}, {P}>' for P in _WKV_SPLIT_PIECES},
+                   **{f'split{P}': f'{chunk}_split<{name}, {_WKV_SPLIT_THREADS // P}, {P}>' for P in _WKV_SPLIT_PIECES},
                    'sum': f'{chunk}<{name}, false>', 'apply': f'{chunk}<{name}, true>',
                    'carry': f'wkv_carry<{name}, {str(pass_ == "bwd").lower()}>'}
         options = ('-std=c++17', f'-DLT={_WKV_LT[pass_]}', f'-DNS={_WKV_NS}', f'-DCW={_WKV_CW}')
@@ -319,15 +320,16 @@ def _wkv_grid(B, T, C, pass_):
 
 def _wkv_split_pieces(T):
     """The split kernels' pieces a row for rows of T tokens: pieces of about 8 tokens, P a power of two in 16..64.
-    GPU time fwd+bwd on an H200 (CUDA events around back-to-back launches) for P = 32 / 64: (1, 640, 1024) 63 / 50
-    us, (8, 256, 1024) 96 / 96 us; for P = 16 / 32 / 64 at (8, 640, 256): 69 / 55 / 74 us."""
+    Chosen from a sweep on an H200 (fwd+bwd, CUDA events around back-to-back launches; NOTES.md) for P = 32 / 64:
+    (1, 640, 1024) 63 / 50 us, (8, 256, 1024) 96 / 96 us; for P = 16 / 32 / 64 at (8, 640, 256): 69 / 55 / 74 us.
+    README's table gives torch.profiler's kernel times of the P chosen here."""
     P = 1 << (max(T // 8, 1).bit_length() - 1)
     return min(max(P, _WKV_SPLIT_PIECES[0]), _WKV_SPLIT_PIECES[-1])
 
 
 def _wkv_pass(pass_, kind, k, w, states, args):
     """One pass over k's (B, T, C), pass_ 'fwd' or 'bwd'. kind 'naive': one launch, a thread per (b, c); 'split': one
-    launch, a block of (channels, pieces) per row tile; 'chunked': their chunks' summaries, the carry pass over them,
+    launch, a block of (channels, pieces) per row tile; 'chunked': the chunks' summaries, the carry pass over them,
     then the chunks again from their incoming states (states None: the row is one chunk, whose incoming states are
     empty, and only that last launch runs). args: the kernels' arguments."""
     B, T, C = k.shape
@@ -337,7 +339,8 @@ def _wkv_pass(pass_, kind, k, w, states, args):
         return
     if kind == 'split':
         P = _wkv_split_pieces(T)
-        _launch(k.device, (kern[f'split{P}'], (-(-C // (512 // P)) * B,), (512 // P, P), args))
+        W = _WKV_SPLIT_THREADS // P  # channels a block
+        _launch(k.device, (kern[f'split{P}'], (-(-C // W) * B,), (W, P), args))
         return
     _, grid, threads, carry_grid = _wkv_grid(B, T, C, pass_)
     apply = (kern['apply'], grid, threads, args)
@@ -378,10 +381,9 @@ class _BiWKVCuda(torch.autograd.Function):
         chunked = ctx.kind == 'chunked'
         nchunk = _wkv_grid(B, T, C, 'bwd')[0] if chunked else 1
         parts = k.new_empty(2, B * nchunk, C)  # partial sums of gw and gu, per (b, chunk)
-        gw, gu = parts
         states = k.new_empty(B, nchunk, 2, 6, C) if nchunk > 1 else None  # r, n, a, b, a2, b2
         head = (B, T, C, w, u, k, v, y, log_z, gy) + ((states,) if chunked else ())
-        _wkv_pass('bwd', ctx.kind, k, w, states, (*head, gk, gv, gw, gu))
+        _wkv_pass('bwd', ctx.kind, k, w, states, (*head, gk, gv, *parts))
         gw, gu = parts.sum(1) if B * nchunk > 1 else parts[:, 0]  # one reduction for both
         return gw, gu, gk, gv, None
 
@@ -424,7 +426,8 @@ def bi_wkv_split(w, u, k, v):
 
 
 def bi_wkv_cuda(w, u, k, v):
-    """The chunked CUDA kernels: B·C·T/8 threads share the rows (float32 or float64 CUDA tensors, cupy installed)."""
+    """The chunked CUDA kernels: T/LT threads a row (LT = 8 tokens a thread forward, 6 backward; float32 or float64
+    CUDA tensors, cupy installed)."""
     return _bi_wkv_kernel(w, u, k, v, 'chunked')
 
 
@@ -432,7 +435,7 @@ _WKV_PATHS = {'dense': bi_wkv_dense, 'scan': bi_wkv_scan, 'naive': bi_wkv_naive,
               'cuda': bi_wkv_cuda}
 # bi_wkv's choice on CUDA: the split-row kernels for rows of at most _WKV_SPLIT_MAX_T tokens and at most
 # _WKV_SPLIT_MAX_ELEMS elements B·T·C in all, the chunked ones otherwise (paired wall times on an H200, bench.py wkv:
-# one launch a pass wins where host work dominates; the chunked kernels do more work per byte for long or many rows)
+# split 0.79 vs chunked 0.85 ms at (8, 256, 1024), 10.4 vs 4.8 ms at (64, 640, 4096))
 _WKV_SPLIT_MAX_T, _WKV_SPLIT_MAX_ELEMS = 1024, 2 ** 23
 
 

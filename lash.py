@@ -201,10 +201,10 @@ def init_attention(gen, cfg, out_std):
 def attention(p, x, cfg, subset=None):
     """Causal multi-head attention over x (B, T, D) -> (B, T, D).
 
-    With a token_subset (early exit runs only the continuing tokens), only those tokens' outputs are made -> (M, D);
-    every token still supplies its key and value. The queries sit in the subset's (B, N) layout, and its mask keeps
-    each one causal at its own position; in place (N = T), every token's query is made and the others' outputs
-    dropped, which is cheaper than scattering M queries among zeros."""
+    With a subset (token_subset, in the early-exit section after the model: early exit runs only the continuing
+    tokens), only those tokens' outputs are made -> (M, D); every token still supplies its key and value. The queries
+    sit in the subset's (B, N) layout, and its mask keeps each one causal at its own position; in place (N = T),
+    every token's query is made and the others' outputs dropped."""
     B, T, D = x.shape
     H = cfg.num_heads
     heads = lambda y: rearrange(y, 'b t (h d) -> b h t d', h=H)
@@ -238,8 +238,8 @@ def init_block(gen, cfg, out_std):
 
 
 def block(p, h, cfg, subset=None):
-    """Pre-norm block on h (B, T, D). With a token_subset it updates only those tokens: the others keep their
-    state and supply only keys and values (early exit)."""
+    """Pre-norm block on h (B, T, D). With a subset (token_subset, early-exit section) it updates only those
+    tokens: the others keep their state and supply keys and values (early exit)."""
     x = rms_norm(p['attn_norm'], h, cfg.norm_eps)  # every token's key and value is needed
     h_q = h if subset is None else h.flatten(0, 1)[subset['index']]
     out = h_q + attention(p['attn'], x, cfg, subset)
@@ -314,8 +314,8 @@ def token_subset(keep):
     'index' (M,), their flat positions b·T + t; 'row', 'slot' (M,), where each one's query sits in a (B, N) layout;
     'pos' (B, N), the position of each slot; 'visible' (B, 1, N, T), each query's causal mask, or None when
     plainly causal. The queries are packed to the left of their rows (N the busiest row's count) when that skips an
-    eighth of the attention at least; otherwise they stay in place (N = T). Measured on a CPU (T = 128), a masked
-    attention costs about as much per query as the causal one, which does not skip the masked half there."""
+    eighth of the attention at least; otherwise they stay in place (N = T). The 7/8 cut-off was measured on a CPU
+    (T = 128), where SDPA's causal path computes the masked half too; not measured on CUDA."""
     B, T = keep.shape
     index = keep.flatten().nonzero().squeeze(1)
     row, t = index // T, index % T
@@ -333,9 +333,10 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     """Two-stage forward: every token runs layers 1..exit_layer; the head reads them there; tokens with max softmax
     probability >= threshold (or those marked in exit_mask (B, T)) exit with those logits; the others continue.
 
-    The continuing tokens are listed once (token_subset), and the layers above exit_layer run their query,
-    attention output and feed-forward on those M tokens only; exited tokens keep their exit hidden state, which
-    those layers read for keys and values. -> (logits (B, T, V), exit_mask (B, T))."""
+    The continuing tokens are listed once (token_subset), and the layers above exit_layer run their output
+    projection and feed-forward on those M tokens only (queries and attention in token_subset's (B, N) layout);
+    exited tokens keep their exit hidden state, which those layers read for keys and values.
+    -> (logits (B, T, V), exit_mask (B, T))."""
     if threshold is None and exit_mask is None:
         raise ValueError("forward_routed: pass threshold (a probability) or exit_mask ((B, T) bool), got neither")
     if not 1 <= exit_layer <= cfg.num_layers:
@@ -350,7 +351,8 @@ def forward_routed(params, tokens, cfg, exit_layer, threshold=None, exit_mask=No
     for layer in params['layers'][exit_layer:]:
         h = block(layer, h, cfg, deep)
     deep_logits = output_head(params, h.flatten(0, 1)[deep['index']], cfg)  # (M, V)
-    logits.flatten(0, 1).index_copy_(0, deep['index'], deep_logits)  # in place is safe: no backward reads logits
+    # in place is safe (no backward reads logits); view raises where flatten would silently copy
+    logits.view(-1, logits.shape[-1]).index_copy_(0, deep['index'], deep_logits)
     return logits, exit_mask
 
 
@@ -392,7 +394,7 @@ def block_cached(p, h, cache, pos, rope, cfg, rows=None, pending=None):
     h_kv = h if pending is None else torch.cat([pending, h], 1)
     start = end - h_kv.shape[1]
     x_kv = rms_norm(p['attn_norm'], h_kv, cfg.norm_eps)
-    x = x_kv if pending is None else x_kv[:, -S:]
+    x = x_kv[:, -S:]
     cos, sin = rope
     cache['k'][:, :, start:end] = apply_rope(heads('wk', x_kv), cos[start:end], sin[start:end])
     cache['v'][:, :, start:end] = heads('wv', x_kv)
@@ -433,7 +435,9 @@ def generate(params, prompt, cfg, config, max_new_tokens, temperature=0.0, gen=N
     exit_layer = config.exit_layer if config.routing_threshold is not None else L
     rope = rope_tables(torch.arange(T_max, device=h.device), Dh, cfg.rope_base)
     caches = [{'k': h.new_zeros(B, H, T_max, Dh), 'v': h.new_zeros(B, H, T_max, Dh)} for _ in range(L)]
-    exited = h.new_zeros(B, T_max, cfg.dim)  # exit states, the deeper layers' input for positions they skipped
+    # exit states, the deeper layers' input for positions they skipped: written on steps where every row exited
+    # (on a mixed step the deeper layers run and compute the exited rows' keys and values then)
+    exit_states = h.new_zeros(B, T_max, cfg.dim)
     h = h[:, :-1]
     for layer, cache in zip(params['layers'], caches) if T0 > 1 else ():
         h = block_cached(layer, h, cache, 0, rope, cfg)
@@ -447,12 +451,12 @@ def generate(params, prompt, cfg, config, max_new_tokens, temperature=0.0, gen=N
         exit_mask = torch.zeros(B, dtype=torch.bool, device=h.device)
         if exit_layer < L:
             exit_mask = confidence(logits) >= config.routing_threshold
-            go_on = [b for b, exited_now in enumerate(exit_mask.tolist()) if not exited_now]  # one host sync
+            go_on = [b for b, exited in enumerate(exit_mask.tolist()) if not exited]  # one host sync
             if not go_on:
-                exited[:, t] = h[:, 0]  # copied upward; keys and values when the deeper layers next run
+                exit_states[:, t] = h[:, 0]  # copied upward; keys and values when the deeper layers next run
             else:
                 rows = None if len(go_on) == B else torch.tensor(go_on, device=h.device)
-                pending = exited[:, stored:t] if stored < t else None
+                pending = exit_states[:, stored:t] if stored < t else None
                 for layer, cache in zip(params['layers'][exit_layer:], caches[exit_layer:]):
                     h = block_cached(layer, h, cache, t, rope, cfg, rows, pending)
                 stored = t + 1

@@ -10,7 +10,6 @@ import functools
 import math
 import os
 import pickle
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -753,7 +752,7 @@ def ctm_trace(params, buffers, x, cfg):
 
 # ================================================================================================================
 # fast path: the synapse hypernetworks stacked (an optimisation of synapse_unet; ctm_think(stacked=True), which
-# `train.py ctm` uses on its captured CUDA path)
+# `train.py ctm --tick paper` uses on its captured CUDA path; the fused tick below stacks them too)
 #
 # A tick is launch-bound: each small matmul costs what a wide one does, in the forward and again in the backward
 # (one gradient accumulation per tensor). Every hypernetwork of the U-Net reads the same pre_synapse_input, so they
@@ -825,9 +824,10 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=No
 # fast path: the fused tick (an optimisation of ctm_think: ctm_think_fast, selected by `train.py ctm --tick fused`
 # or `--tick compiled`, tested equal to ctm_think)
 #
-# Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (~480 a tick at the
-# seeds' size). ctm_think_fast does the same arithmetic in fewer, wider ops; measured side by side (H200, mazes-small,
-# batch 64, `python bench.py ctm`), a step takes 91.7 ms with the paper ticks, 53.0 ms fused, 46.1 ms compiled:
+# Inside a captured CUDA graph a tick still costs a kernel per small op, forward and backward (torch.profiler: 23,877
+# kernels in a step of 50 paper ticks at the seeds' size). ctm_think_fast does the same arithmetic in fewer, wider
+# ops; measured side by side (H200, mazes-small, batch 64, `python bench.py ctm`), a step takes 91.7 ms with the
+# paper ticks, 53.0 ms fused, 46.1 ms compiled:
 # - one synchronisation accumulator for both pair sets: the out sum after tick t and the action sum read by tick
 #   t+1 add the same activated state, so their pairs are concatenated and updated together by one gather, one
 #   product and one addcmul, a recurrence over fixed tensors (no None on the first tick); beta = 1 + r + ... +
@@ -839,12 +839,13 @@ def synapse_unet_stacked(p, stacked, x, rate=0.0, train=False, tap=None, norm=No
 # - the weights every tick multiplies by (the U-Net's Linears and LayerNorms, the NLMs' folded weights, the query
 #   and out Linears, the attention's keys and values) get their gradients once for all ticks (TickShared): the ticks
 #   apply them detached and tap their inputs, and one wide matmul over all ticks' inputs and output gradients
-#   replaces a narrow one a tick and the running sum autograd keeps of them (~85 small additions a tick); the rest
-#   (the hypernetworks, r) is read through one view per tick (views_per_tick), whose T gradients autograd gathers
-#   with one stack and one sum;
+#   replaces a narrow one a tick and the running sum autograd keeps of them; so do the hypernetworks' φ Linear and
+#   stacked heads; the rest (the hypernetworks' GroupNorm or a list of heads, the NLM tree, r) is read through one
+#   view per tick (views_per_tick), whose T gradients autograd gathers with one stack and one sum;
 # - q_proj, the query in-projection and the 1/sqrt(head dim) scale are one Linear, folded once per forward, and the
 #   attention of the one query is spelled out (two batched matmuls and a softmax): the fused attention kernels work
-#   in blocks of 64 queries: with one query their backward took 11.4 ms of a 57.9 ms compiled step (H200);
+#   in blocks of 64 queries: with one query their backward took 11.4 ms of the paper ticks' 85 ms of GPU time a
+#   step (torch.profiler, H200); the spelled-out form's own gain was not timed apart;
 # - compile_backend='inductor' runs each tick as one torch.compile'd function, which fuses the remaining elementwise
 #   work (the U-Net's layer norms with their SiLUs and skip adds, the GLUs, the synchronisation update). Its first
 #   call compiles (about 25 s on an H200), so a CUDA graph is captured after it: train.py's warm-up steps do that.
@@ -910,9 +911,11 @@ def views_per_tick(tree, T):
 class TickShared(torch.autograd.Function):
     """A weight (and bias) that every tick multiplies by its input, its gradient formed once for all ticks.
 
-    apply(eq, out_shape, taps, prepare, weight, bias) -> biases (T, *out_shape): tick t applies the weight detached
-    and adds biases[t] (the bias broadcast, or zeros) to its output, so that the biases' gradient G holds every tick's
-    output gradient; it appends its input to taps. The backward forms the weight's gradient from X = stack(taps)
+    apply(eq, out_shape, taps, prepare, weight, bias) -> biases of shape out_shape, whose first dimension is T: tick t
+    applies the weight detached and adds biases[t] (the bias broadcast, or zeros) to its output, so that the biases'
+    gradient G holds every tick's output gradient. The caller appends each tick's input to the list taps before the
+    backward reads it (outside save_for_backward, so autograd's in-place checks do not cover these tensors). The
+    backward forms the weight's gradient from X = stack(taps)
     (prepare(X) if given: a LayerNorm's ticks tap their input, normalised here once for all) and G in one einsum,
     eq's 'x,w->y' read backwards (y,x->w; K = T·B for a Linear), and the bias's as G summed to its shape: one wide
     op where autograd would run one narrow matmul a tick and sum T gradients."""
@@ -924,7 +927,7 @@ class TickShared(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, y = re.split(',|->', ctx.eq)
+        x, w, y = ctx.eq.replace('->', ',').split(',')
         inputs = torch.stack(ctx.taps)
         weight_grad = torch.einsum(f'{y},{x}->{w}', grad, inputs if ctx.prepare is None else ctx.prepare(inputs))
         return None, None, None, None, weight_grad, None if ctx.bias_shape is None else grad.sum_to_size(ctx.bias_shape)
@@ -937,6 +940,11 @@ def shared_per_tick(q, name, eq, out_shape, taps, prepare=None):
     return [{**q, 'weight': q['weight'].detach(), 'bias': b} for b in biases.unbind(0)]
 
 
+def linear_per_tick(q, name, T, B, taps):
+    """shared_per_tick for a Linear whose ticks read (B, in) inputs: out_shape (T, B, out)."""
+    return shared_per_tick(q, name, 'tbi,oi->tbo', (T, B, q['weight'].shape[0]), taps)
+
+
 def synapses_per_tick(p, T, B, taps):
     """The U-Net's tree -> T trees whose Linears ('tbi,oi->tbo') and LayerNorms' affine parts ('tbd,d->tbd' on the
     normalised input) are TickShared, their taps named by their place in the tree ('first.lin', 'down.0.ln',
@@ -945,10 +953,16 @@ def synapses_per_tick(p, T, B, taps):
         if not (isinstance(q, dict) and 'weight' in q):
             return None
         if q['weight'].dim() == 2:
-            return shared_per_tick(q, name, 'tbi,oi->tbo', (T, B, q['weight'].shape[0]), taps)
+            return linear_per_tick(q, name, T, B, taps)
         return shared_per_tick(q, name, 'tbd,d->tbd', (T, B, q['weight'].shape[0]), taps,
                                lambda x: F.layer_norm(x, x.shape[-1:]))
     return per_tick(p, T, shared)
+
+
+def layer_norm_tapped(tap, name, q, h):
+    """A LayerNorm whose affine part is TickShared: tap its input; the bias is this tick's (B, D) slice."""
+    tap(name, h)
+    return F.layer_norm(h, h.shape[-1:], q['weight']) + q['bias']
 
 
 def hypernets_per_tick(stacked, T, B, taps):
@@ -957,7 +971,7 @@ def hypernets_per_tick(stacked, T, B, taps):
     ('tnbh,nrh->tnbr'), the GroupNorm (and a list of heads) one view per tick."""
     if stacked is None:
         return [None] * T
-    lin = shared_per_tick(stacked['lin'], 'first.lin', 'tbi,oi->tbo', (T, B, stacked['lin']['weight'].shape[0]), taps)
+    lin = linear_per_tick(stacked['lin'], 'first.lin', T, B, taps)
     norm = views_per_tick(stacked['norm'], T)
     heads = stacked['heads']
     if isinstance(heads, list):
@@ -966,12 +980,6 @@ def hypernets_per_tick(stacked, T, B, taps):
         n, rows = heads['weight'].shape[:2]
         heads = shared_per_tick(heads, 'hyper.heads.lin', 'tnbh,nrh->tnbr', (T, n, B, rows), taps)
     return [{'lin': lin[t], 'norm': norm[t], 'heads': heads[t]} for t in range(T)]
-
-
-def layer_norm_tapped(tap, name, q, h):
-    """A LayerNorm whose affine part is TickShared: tap its input; the bias is this tick's (B, D) slice."""
-    tap(name, h)
-    return F.layer_norm(h, h.shape[-1:], q['weight']) + q['bias']
 
 
 def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
@@ -983,7 +991,7 @@ def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
     trace, activated_state, alpha, sync = carry
     B = activated_state.shape[0]
     taps = {}
-    tap = taps.__setitem__
+    tap = taps.__setitem__  # tap(name, x): x is this tick's input to TickShared op `name`
     tap('query', sync)
     query = linear(query_p, sync).reshape(B * cfg.heads, 1, -1)  # (B·heads, 1, d / heads), scaled
     tap('keys', query)
@@ -993,6 +1001,7 @@ def ctm_tick_fused(shared, pairs, inv_sqrt_beta, carry, cfg, train=False):
     attn = torch.baddbmm(values['bias'], weights, values['weight']).reshape(B, -1)  # (B, d_input)
     tap('out', attn)
     pre_synapse_input = torch.cat([linear(out_p, attn), activated_state], dim=-1)
+    # a Linear's tap takes synapses_per_tick's tree path: 'first' -> 'first.lin', 'hyper.heads' -> 'hyper.heads.lin'
     state = synapse_unet_stacked(synapses, hypernets, pre_synapse_input, cfg.dropout, train,
                                  lambda name, h: tap(f'{name}.lin', h), functools.partial(layer_norm_tapped, tap))
     trace = torch.cat([trace[..., 1:], state.t()[..., None]], dim=-1)
@@ -1017,7 +1026,7 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
     alpha = activated_state[:, pairs[0]] * activated_state[:, pairs[1]]  # both sums start from the start state
     carry = (params['start_trace'][:, None].expand(-1, B, -1).contiguous(), activated_state, alpha,
              alpha * inv_sqrt_beta[0])  # sync after one update (= alpha); a tensor of its own, as on every tick
-    taps = collections.defaultdict(list)
+    taps = collections.defaultdict(list)  # name -> each tick's input, filled by the tick loop, read by TickShared
     nlms = [params['nlm'][k] for k in ('l1', 'l2') if k in params['nlm']]
     if any('hyper' in q for q in nlms):
         folded = [None] * T
@@ -1028,10 +1037,12 @@ def ctm_think_fast(params, buffers, kv, cfg, train=False, compile_backend=None):
     keys, values = (t.flatten(0, 1) for t in attention_keys_values(params['attention'], kv, cfg.heads))  # (B·h, S, e)
     query = attention_query_folded(params, cfg.heads)
     query['weight'] = F.pad(query['weight'], (0, len(buffers['out_left'])))  # zeros for sync's out part: no slice
+    # in ctm_tick_fused's order: synapses, nlm, folded NLM weights, out Linear, query Linear, keys, values,
+    # hypernetworks, r
     ticks = zip(synapses_per_tick(params['synapses'], T, B, taps),
                 views_per_tick(params['nlm'], T), folded,
-                shared_per_tick(params['attention']['out'], 'out', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
-                shared_per_tick(query, 'query', 'tbi,oi->tbo', (T, B, kv.shape[-1]), taps),
+                linear_per_tick(params['attention']['out'], 'out', T, B, taps),
+                linear_per_tick(query, 'query', T, B, taps),
                 shared_per_tick({'weight': keys}, 'keys', 'tnqe,nse->tnqs', (T, len(keys), 1, keys.shape[1]), taps),
                 shared_per_tick({'weight': values}, 'values', 'tnqs,nse->tnqe', (T, len(values), 1, values.shape[2]),
                                 taps),

@@ -4,7 +4,6 @@ Sections follow the files: foundation (train.py), plastic.py, lash.py, hpcm.py. 
 independent computation (a dense matrix, an O(T^2) sum, a hand formula, a stdlib decoder), never the same code.
 """
 import argparse
-import collections
 import os
 import re
 import struct
@@ -163,12 +162,11 @@ def test_train_resume_restores_step_params_and_optimizer(tmp_path, capsys):
         assert torch.equal(saved_state[k]['exp_avg'], loaded_state[k]['exp_avg'])
     assert capsys.readouterr().out == ''
     # a resumed run's own --lr and weight decay replace the checkpoint's; the moments stay the checkpoint's
-    class NewLr:
-        lr, weight_decay = 0.5, 0.25
+    new = argparse.Namespace(lr=0.5, weight_decay=0.25)
     fresh, fresh_opt = tiny_model()
     for group in fresh_opt.param_groups:
-        group['lr'], group['weight_decay'] = NewLr.lr, NewLr.weight_decay
-    train.load_checkpoint(path, fresh, {}, fresh_opt, NewLr())
+        group['lr'], group['weight_decay'] = new.lr, new.weight_decay
+    train.load_checkpoint(path, fresh, {}, fresh_opt, new)
     assert all(g['lr'] == 0.5 and g['weight_decay'] == 0.25 for g in fresh_opt.param_groups)
     for k in saved_state:
         assert torch.equal(saved_state[k]['exp_avg'], fresh_opt.state_dict()['state'][k]['exp_avg'])
@@ -1832,7 +1830,8 @@ def test_wkv_scan_matches_dense(B, T, C, k_scale, k_offset, w_scale, seed):
 @pytest.mark.parametrize('w_scale', [500.0, 5000.0])
 def test_wkv_scan_exact_for_large_negative_decays(w_scale):
     """w < 0 with |w| up to 5000: far tokens dominate and log Z_t reaches ~|w|; kept relative to the decay of the
-    farthest term, its float32 rounding no longer reaches the gradients (written as it is: gv 1.1e-4 at |w| = 5000)."""
+    farthest term, its float32 rounding no longer reaches the gradients (without that, gv's error is 1.1e-4 at
+    |w| = 5000)."""
     w, u, k, v, gy = wkv_inputs(9, 2, 40, 3, 1.0, 0.0, w_scale, dtype=torch.float32)
     w = -(w + w_scale) / 2  # all in (-w_scale, -w_scale / 2]
     ref = wkv_value_and_grads(hpcm.bi_wkv_dense, *(t.double() for t in (w, u, k, v, gy)))
@@ -1952,8 +1951,8 @@ def test_wkv_kernels_match_dense_for_either_decay_sign(path, B, C, T, w_scale, k
 @example(path='cuda', sign=-1.0, w_scale=2000.0, T=2048, k_scale=5.0, seed=0)
 def test_wkv_float32_exact_for_large_decays_of_either_sign(path, sign, w_scale, T, k_scale, seed):
     """|w| from 500 to 5000 of either sign on every float32 path. With w < 0 log Z_t reaches ~|w| (log2 Z up to
-    7200), whose float32 rounding gave the gradients errors of 1e-5 .. 8.6e-5 at |w| = 1000 .. 5000 before log Z was
-    kept relative to the decay of the farthest term (wkv_kernel.cu, section 0). The weights saturate there (one far
+    7200), whose float32 rounding would give the gradients errors of 1e-5 .. 8.6e-5 at |w| = 1000 .. 5000 were log Z
+    not kept relative to the decay of the farthest term (wkv_kernel.cu, section 0). The weights saturate there (one far
     term outweighs the next by e^{|w|/T}), so gk, gv are measured against ‖gy‖."""
     B, C = (2, 5) if T <= 300 else (1, 2)  # the dense reference holds B·T²·C float64 numbers
     inputs = wkv_inputs(seed, B, T, C, k_scale, 0.0, w_scale, dtype=torch.float32, device='cuda')
@@ -1981,7 +1980,7 @@ def test_wkv_kernels_exact_where_a_lean_frame_underflows(path):
 
 @needs_cupy[0]
 @needs_cupy[1]
-def test_wkv_three_paths_agree_and_gradcheck():
+def test_wkv_kernels_and_scan_agree_and_gradcheck():
     """naive, split and chunked kernels and torch scan on the same float32 inputs; float64 gradcheck of every kernel;
     the same y without a gradient (the chunked forward then writes no log Z)."""
     inputs = wkv_inputs(5, 2, 700, 40, 2.0, 10.0, 10.0, dtype=torch.float32, device='cuda', signed=True)
@@ -2647,8 +2646,8 @@ def test_hpcm_dist_two_gloo_ranks_train_and_resume_on_one(tmp_path):
 
 
 def test_hpcm_train_step_reports_the_mean_over_ranks_so_a_nan_on_one_rank_stops_all(monkeypatch):
-    """With 2 ranks the step's metrics are the ranks' mean: another rank's NaN loss reaches this rank at the same step
-    (so every rank raises Diverged there, none waits alone in the next step's all-reduce). The other rank is played
+    """With 2 ranks the step's metrics are the ranks' mean: another rank's NaN loss reaches this rank at the same step,
+    so this rank's check_finite_loss stops it there, as it stops the other (none waits alone in the next all-reduce). The other rank is played
     by all_reduce: it adds NaN, bpp 0.5, mse 0.25 to the metrics and this rank's own values to the gradients."""
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     args = argparse.Namespace(lmbda=0.01, clip_max_norm=1.0)
@@ -2746,6 +2745,7 @@ def test_hpcm_channels_last_params_compute_the_same_values():
 # ================================================================================================================
 # train.py ctm: the CUDA-graph fast path and data-parallel training
 
+import collections  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 
@@ -2906,11 +2906,11 @@ def test_speed_tick_shared_gradients_equal_the_sum_over_ticks(kind, T, seed):
         'neurons': ('tdbi,dio->tdbo', (2, 3, 4), rand(2, 4, 5), rand(2, 1, 5),
                     lambda x, w, b: torch.baddbmm(b, x, w)),
         'keys': ('tnqe,nse->tnqs', (2, 1, 4), rand(2, 6, 4), None,
-                 lambda x, w, b: x @ w.transpose(1, 2) if b is None else torch.baddbmm(b, x, w.transpose(1, 2)))}[kind]
+                 lambda x, w, b=None: x @ w.transpose(1, 2) if b is None else torch.baddbmm(b, x, w.transpose(1, 2)))}[kind]
     xs = [rand(*x_shape) for _ in range(T)]
     out_grads = [rand(*apply(x, w, b).shape) for x in xs]
     leaves = [t.clone().requires_grad_() for t in (w, b) if t is not None]
-    sum((apply(x, *leaves, *([None] * (b is None))) * g).sum() for x, g in zip(xs, out_grads)).backward()
+    sum((apply(x, *leaves) * g).sum() for x, g in zip(xs, out_grads)).backward()
     expected = [t.grad for t in leaves]
     leaves = [t.clone().requires_grad_() for t in (w, b) if t is not None]
     taps = collections.defaultdict(list)
@@ -3033,9 +3033,9 @@ def test_speed_batches_made_ahead_by_workers_equal_the_direct_ones():
 @needs_cuda[1]
 def test_ctm_cuda_graph_run_resumes_with_a_new_lr(tmp_path):
     """A CUDA-graph run (capturable AdamW, the learning rate a GPU tensor) saves, then resumes with another --lr:
-    this run's rate is used (a line says so), the step counters come back to the GPU, training goes on finite."""
+    it says so, runs to step 5 and saves finite params."""
     log_dir = str(tmp_path / 'run')
-    tiny = [*CTM_TINY[:-2], '--device', 'cuda', '--log_dir', log_dir]
+    tiny = [*CTM_TINY, '--device', 'cuda', '--log_dir', log_dir]  # the last --device wins
     first = run_train('ctm', *tiny, '--training_iterations', '3')
     assert first.returncode == 0 and 'CUDA graph' in first.stdout, first.stderr[-3000:]
     again = run_train('ctm', *tiny, '--training_iterations', '5', '--resume', '--lr', '5e-05')

@@ -241,15 +241,15 @@ def load_checkpoint(path, params, buffers=None, opt=None, args=None, must_match=
     if buffers is not None:
         load_into(payload.get('buffers', {}), buffers, f'{path} buffers')
     if opt is not None and payload.get('opt') is not None:
-        # the checkpoint restores the optimizer's state (moments, step counts); this run's flags (--lr, layer-wise
-        # rates, --weight_decay) set its hyperparameters, so a resumed run can change them
-        ours = [{k: v for k, v in group.items() if k != 'params'} for group in opt.param_groups]
+        # the checkpoint restores the optimizer's state (moments, step counts); this run's param groups keep every
+        # other entry (lr, layer-wise rates, weight_decay, betas, eps, capturable), so a resumed run can change them
+        this_run = [{k: v for k, v in group.items() if k != 'params'} for group in opt.param_groups]
         try:
             opt.load_state_dict(payload['opt'])
         except (ValueError, KeyError, TypeError) as e:
             raise BadFile(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from None
-        for group, mine in zip(opt.param_groups, ours):
-            group.update(mine)
+        for group, hyper in zip(opt.param_groups, this_run):
+            group.update(hyper)
         changed = [k for k in ('lr', 'weight_decay')
                    if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
         if changed:
@@ -613,14 +613,20 @@ def quiet_unless_rank0(rank):
         sys.stdout = open(os.devnull, 'w')
 
 
+def mean_over_ranks(t, world):
+    """t averaged over ranks, in place (every rank holds a tensor of t's shape); t itself with one rank."""
+    if world > 1:
+        torch.distributed.all_reduce(t)
+        t /= world
+    return t
+
+
 def all_reduce_grads(leaves, world):
     """Average gradients over ranks in one flat all-reduce (every rank holds the same parameter list)."""
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
+    flat = mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]), world)
     offset = 0
     for p, g in zip(leaves, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(p)
@@ -1213,15 +1219,13 @@ def ctm_train_step(params, buffers, opt, x, y, cfg, task_loss, use_amp=False, gr
         for old, new in zip(tree_leaves(buffers['backbone']), tree_leaves(new_buffers['backbone'])):
             old.copy_(new)
         metrics = torch.stack([loss.detach(), (ctm_answer(predictions, chosen, cfg) == y).float().mean()])
-        if world > 1:
-            torch.distributed.all_reduce(metrics)
-            metrics /= world
-    return metrics
+    return mean_over_ranks(metrics, world)
 
 
 def ctm_stepper(params, buffers, opt, cfg, task_loss, args, world=1):
-    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step; with args.cuda_graph on the stacked hypernetworks
-    and replayed from a CUDA graph (the optimizer must be in optimizer_mode(opt, True, device))."""
+    """-> step(x, y) -> tensor [loss, accuracy]: ctm_train_step, ticks per args.tick; with args.cuda_graph replayed
+    from a CUDA graph (paper ticks then on the stacked hypernetworks; the optimizer must be in
+    optimizer_mode(opt, True, device))."""
     step = functools.partial(ctm_train_step, params, buffers, opt, cfg=cfg, task_loss=task_loss, use_amp=args.use_amp,
                              gradient_clipping=args.gradient_clipping, world=world, stacked=args.cuda_graph,
                              tick=args.tick)
@@ -1858,10 +1862,9 @@ def hpcm_train_step(params, opt, x, cfg, args, world=1):
     if args.clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_(leaves, args.clip_max_norm)
     opt.step()
-    metrics = torch.stack([out['loss'], out['bpp'], out['mse']]).detach()
-    if world > 1:  # every rank sees the same loss: a NaN on one rank stops all of them at this step, where a rank
-        torch.distributed.all_reduce(metrics)  # stopping alone would leave the others waiting in the next all-reduce
-        metrics /= world
+    # every rank sees the same loss: a NaN on one rank stops all of them at this step, where a rank stopping alone
+    # would leave the others waiting in the next all-reduce
+    metrics = mean_over_ranks(torch.stack([out['loss'], out['bpp'], out['mse']]).detach(), world)
     loss, bpp, mse = metrics.tolist()
     return {'loss': loss, 'bpp': bpp, 'psnr': 10 * math.log10(1 / max(mse, 1e-12))}
 

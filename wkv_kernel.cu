@@ -4,7 +4,7 @@
 //      backward; one launch a pass,
 //   2. split rows: the same walks with each row cut into P pieces, one thread a piece, the pieces joined by a scan
 //      in shared memory; still one launch a pass, the faster kernels for short rows (hpcm.bi_wkv's choice),
-//   3. the chunked kernels: the walks cut into chunks of BL tokens, so that B * C * T / 8 threads share a row;
+//   3. the chunked kernels: the walks cut into chunks of BL tokens, T / LT threads a row (LT tokens a thread);
 //      three launches a pass (summaries, carries, apply); fwd+bwd 11x faster than Vision-RWKV's kernel at
 //      (64, 640, 4096) (GPU time, H100 and H200),
 //   4. the lean frames: an optimisation of kernel 3's per-thread work (one ex2 and two fma per token instead of a
@@ -48,7 +48,6 @@
 #endif
 #define BL (LT * NS)
 static_assert(CW == 32, "a block row of channels is one warp, one lane per channel");
-static_assert(NS >= 2, "block_scan walks the two directions with pieces 0 and 1");
 static_assert(12 * NS * CW * sizeof(double) <= 48 * 1024, "wkv_backward<double>'s shared memory exceeds 48 KiB");
 
 // ================================================================================================================
@@ -274,12 +273,12 @@ template <typename F, bool D> __device__ __forceinline__ void put_state(F *p, in
 // The block scan, for a block of (W channels, P pieces) whose piece i holds len(i) tokens: every piece's two
 // summaries go to shared memory; the threads of piece 0 walk them left to right and those of piece 1 right to left
 // (one thread a channel), replacing each by the state entering that piece, starting from the states entering the
-// block's tokens (cf, cr). A serial walk: P merges per direction (a parallel Hillis-Steele scan does P log2(P); the
-// two were not timed against each other). On return fw, rv are the states entering this thread's piece; the threads
-// of piece 0 hold the block's forward summary in tf, those of piece 1 the reverse in tr. sh: [2][NV][P][W] scratch,
-// NV = 6 (D) or 4.
+// block's tokens (cf, cr). A serial walk, P merges per direction (a parallel scan was not tried). On return fw, rv
+// are the states entering this thread's piece; the threads of piece 0 hold the block's forward summary in tf, those
+// of piece 1 the reverse in tr. sh: [2][NV][P][W] scratch, NV = 6 (D) or 4.
 template <typename F, bool D, int W, int P, typename Len>
 __device__ void block_scan(St<F> &fw, St<F> &rv, St<F> cf, St<F> cr, F w, Len len, F *sh, St<F> &tf, St<F> &tr) {
+    static_assert(P >= 2, "block_scan walks the two directions with pieces 0 and 1");
     constexpr int NV = D ? 6 : 4;
     const int s = threadIdx.y, c = threadIdx.x;
     auto put = [&](int dir, int i, St<F> q) { put_state<F, D>(sh + ((dir * NV) * P + i) * W + c, P * W, q); };
@@ -383,6 +382,7 @@ wkv_backward_split(int B, int T, int C, const F *__restrict__ w_, const F *__res
                    const F *__restrict__ v_, const F *__restrict__ y_, const F *__restrict__ logz_,
                    const F *__restrict__ gy_, F *__restrict__ gk_, F *__restrict__ gv_, F *__restrict__ gw_,
                    F *__restrict__ gu_) {
+    static_assert(12 * P * W * sizeof(F) <= 48 * 1024, "wkv_backward_split's shared memory exceeds 48 KiB");
     __shared__ F sh[12 * P * W];
     const Piece q = piece<W, P>(T, C);
     const F w = q.live ? per_token(w_, q.c, T) : F(0), u = q.live ? per_token(u_, q.c, T) : F(0);
